@@ -1,0 +1,18 @@
+"""Registers the PyTorch adapter with gradwatch (entry point ``gradwatch: torch``)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from gradwatch import hookimpl
+
+
+@hookimpl(trylast=True)
+def gradwatch_claim_model(model: Any, options: dict[str, Any]) -> Any | None:
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(model, torch.nn.Module):
+        return None  # no torch imported: this cannot be a torch model
+    from ._watcher import TorchWatcher
+
+    return TorchWatcher(model, **options)

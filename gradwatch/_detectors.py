@@ -1,0 +1,644 @@
+"""Built-in detectors: small classes that turn StepStats into findings.
+
+A detector's ``update(stats)`` returns the findings whose condition holds at this check, ``[]``
+when it looked and found nothing, or ``None`` when the check held nothing it could judge (so
+conditions it reported earlier are not considered cleared). Reporting a condition once when it
+starts and once when it clears is the monitor's job, not the detector's.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import numpy as np
+
+from . import _advice
+from . import _validate as v
+from ._context import RunContext, empty_context
+from ._findings import Finding
+from ._stats import StepStats
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.2g}" if math.isfinite(x) else str(x)
+
+
+class Detector:
+    """Base class. Subclasses set ``kinds`` and implement ``update``."""
+
+    #: Finding kinds this detector can produce.
+    kinds: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.context: RunContext = empty_context()
+
+    def bind(self, context: RunContext) -> None:
+        """Called by the monitor before the first check (and again after :meth:`reset`)."""
+        self.context = context
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget all history (a new run)."""
+
+    def update(self, stats: StepStats) -> list[Finding] | None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
+                           if not k.startswith("_") and k != "context")
+        return f"{type(self).__name__}({params})"
+
+
+class _Sustained:
+    """Counts consecutive checks for which a per-key condition held."""
+
+    def __init__(self) -> None:
+        self.counts: dict[object, int] = {}
+
+    def update(self, holding: set) -> dict[object, int]:
+        self.counts = {k: self.counts.get(k, 0) + 1 for k in holding}
+        return self.counts
+
+
+class VanishingGradientDetector(Detector):
+    """Layers whose gradient is tiny both in absolute terms and next to the best-fed layer.
+
+    A layer is starved at a check when the median (over the steps since the last check) of its
+    gradient L2 norm is below ``abs_threshold`` AND below ``rel_threshold`` times the largest
+    layer norm. A finding is raised after ``patience`` consecutive starved checks. Both tests
+    must hold: a converged model has small gradients everywhere (not relative), and a layer can
+    be far below the largest one while still learning (not absolute).
+
+    Args:
+        rel_threshold: Ratio to the best-fed layer. Defaults to ``1e-3`` (AUTOTRAINER's beta_1).
+        abs_threshold: Gradient L2 norm. Defaults to ``1e-4`` (AUTOTRAINER's beta_2).
+        patience: Consecutive checks. Defaults to ``3``.
+    """
+
+    kinds = ("vanishing_gradient",)
+
+    def __init__(self, rel_threshold: float = 1e-3, abs_threshold: float = 1e-4,
+                 patience: int = 3) -> None:
+        super().__init__()
+        self.rel_threshold = v.fraction("rel_threshold", rel_threshold, inclusive_one=False)
+        self.abs_threshold = v.positive_float("abs_threshold", abs_threshold)
+        self.patience = v.positive_int("patience", patience)
+        self._sustained = _Sustained()
+
+    def reset(self) -> None:
+        self._sustained = _Sustained()
+
+    def update(self, stats: StepStats) -> list[Finding]:
+        norms = _window_median(stats.grad_norm, stats.has_grad)
+        ok = np.isfinite(norms)
+        if ok.sum() < 2:
+            return []
+        top = int(np.nanargmax(np.where(ok, norms, -np.inf)))
+        best = norms[top]
+        if not best > 0:
+            return []
+        rel = norms / best
+        starved = ok & (norms < self.abs_threshold) & (rel < self.rel_threshold)
+        counts = self._sustained.update(set(np.flatnonzero(starved).tolist()))
+        hits = sorted(i for i, c in counts.items() if c >= self.patience)
+        if not hits:
+            return []
+        first = hits[0]
+        ctx = self.context
+        message = (
+            f"step {stats.step}: layer {ctx.describe(first)}: gradient L2 norm {_fmt(norms[first])} "
+            f"is {_fmt(rel[first])} of the largest layer's ('{stats.layers[top]}', {_fmt(best)}) "
+            f"for {counts[first]} consecutive checks. {ctx.span(hits).capitalize()} barely "
+            "receive gradient."
+        )
+        return [Finding(
+            kind="vanishing_gradient", step=stats.step, layer=stats.layers[first],
+            value=norms[first], threshold=self.abs_threshold, message=message,
+            advice=_advice.vanishing(ctx, hits),
+            evidence={"layers": [stats.layers[i] for i in hits],
+                      "grad_norm": {stats.layers[i]: norms[i] for i in hits},
+                      "ratio_to_largest": {stats.layers[i]: rel[i] for i in hits},
+                      "largest_layer": stats.layers[top], "largest_norm": best,
+                      "checks": counts[first]},
+        )]
+
+
+def _window_median(grad_norm: np.ndarray, has_grad: np.ndarray) -> np.ndarray:
+    """Per-layer median over the window's steps, ignoring steps without a (finite) gradient."""
+    g = np.where(has_grad & np.isfinite(grad_norm), grad_norm, np.nan)
+    out = np.full(g.shape[1], np.nan)
+    seen = ~np.all(np.isnan(g), axis=0)
+    if seen.any():
+        out[seen] = np.nanmedian(g[:, seen], axis=0)
+    return out
+
+
+class ExplodingGradientDetector(Detector):
+    """Gradients far above their own recent history, absolutely huge, or growing with depth.
+
+    Three tests, any of which raises a finding for a layer:
+
+    * sudden: the norm at a step exceeds ``spike_factor`` times the median of the layer's last
+      ``window`` finite norms (needs ``min_history`` of them first);
+    * huge: the norm exceeds ``abs_threshold``;
+    * depth ratio: the first layer's norm exceeds ``depth_ratio`` times the last layer's for
+      ``patience`` consecutive checks (gradients grow as they flow back).
+
+    Args:
+        spike_factor: Defaults to ``100``.
+        window: History length in steps. Defaults to ``50``.
+        min_history: Defaults to ``10``.
+        abs_threshold: Gradient L2 norm per layer. Defaults to ``1e3``.
+        depth_ratio: First-to-last layer norm ratio. Defaults to ``70`` (AUTOTRAINER's beta_3).
+        patience: Checks for the depth-ratio test. Defaults to ``3``.
+    """
+
+    kinds = ("exploding_gradient",)
+
+    def __init__(self, spike_factor: float = 100.0, window: int = 50, min_history: int = 10,
+                 abs_threshold: float = 1e3, depth_ratio: float = 70.0, patience: int = 3) -> None:
+        super().__init__()
+        self.spike_factor = v.greater_than_one("spike_factor", spike_factor)
+        self.window = v.positive_int("window", window, minimum=2)
+        self.min_history = v.positive_int("min_history", min_history)
+        if self.min_history > self.window:
+            raise ValueError(f"min_history ({min_history}) must be <= window ({window})")
+        self.abs_threshold = v.positive_float("abs_threshold", abs_threshold)
+        self.depth_ratio = v.greater_than_one("depth_ratio", depth_ratio)
+        self.patience = v.positive_int("patience", patience)
+        self.reset()
+
+    def reset(self) -> None:
+        self._history: collections.deque[np.ndarray] = collections.deque(maxlen=self.window)
+        self._deep = 0
+
+    def update(self, stats: StepStats) -> list[Finding]:
+        hits: dict[int, tuple[int, float, float, str]] = {}  # layer -> (step, value, thr, why)
+        for row in range(len(stats.steps)):
+            g = np.where(stats.has_grad[row], stats.grad_norm[row], np.nan)
+            finite = np.isfinite(g)
+            if self._history:
+                hist = np.array(self._history)
+                counts = np.sum(np.isfinite(hist), axis=0)
+                ref = np.full(g.shape, np.nan)
+                enough = counts >= self.min_history
+                if enough.any():
+                    ref[enough] = np.nanmedian(hist[:, enough], axis=0)
+                with np.errstate(invalid="ignore"):
+                    spikes = finite & enough & (g > self.spike_factor * ref) & (ref > 0)
+                for i in np.flatnonzero(spikes):
+                    hits.setdefault(i, (int(stats.steps[row]), g[i], self.spike_factor * ref[i],
+                                        f"{_fmt(g[i])} is {_fmt(g[i] / ref[i])}x its median of "
+                                        f"the last {int(counts[i])} steps ({_fmt(ref[i])})"))
+            for i in np.flatnonzero(finite & (g > self.abs_threshold)):
+                hits.setdefault(i, (int(stats.steps[row]), g[i], self.abs_threshold,
+                                    f"{_fmt(g[i])} is above the absolute limit "
+                                    f"{_fmt(self.abs_threshold)}"))
+            self._history.append(np.where(finite, g, np.nan))
+        # Depth ratio at the check step, over layers that got a finite gradient.
+        g = np.where(stats.last_has_grad, stats.last_grad_norm, np.nan)
+        idx = np.flatnonzero(np.isfinite(g))
+        if len(idx) >= 2 and g[idx[-1]] > 0 and g[idx[0]] / g[idx[-1]] > self.depth_ratio:
+            self._deep += 1
+        else:
+            self._deep = 0
+        if self._deep >= self.patience:
+            first = int(idx[0])
+            ratio = g[first] / g[idx[-1]]
+            hits.setdefault(first, (stats.step, ratio, self.depth_ratio,
+                                    f"{_fmt(g[first])} is {_fmt(ratio)}x the last layer's ('{stats.layers[idx[-1]]}') "
+                                    f"for {self._deep} consecutive checks: gradients grow as they "
+                                    "flow back"))
+        if not hits:
+            return []
+        ctx = self.context
+        layers = sorted(hits)
+        i = layers[0]
+        step, value, thr, why = hits[i]
+        message = f"step {step}: layer {ctx.describe(i)}: gradient L2 norm {why}."
+        if len(layers) > 1:
+            message += f" Also exploding: {ctx.span(layers[1:])}."
+        return [Finding(
+            kind="exploding_gradient", step=step, layer=stats.layers[i], value=value,
+            threshold=thr, message=message, advice=_advice.exploding(ctx),
+            evidence={"layers": [stats.layers[j] for j in layers],
+                      "values": {stats.layers[j]: hits[j][1] for j in layers}},
+        )]
+
+
+class NonFiniteDetector(Detector):
+    """NaN/Inf in the loss, gradients or weights, reported at the first step it appears.
+
+    The layer named is where the bad values enter: a layer whose weights are non-finite, else the
+    layer closest to the output among those with non-finite gradients (backward runs from the
+    output). When every layer is affected and the loss itself is non-finite, the layer is ``None``
+    and the message says so. No parameters: any non-finite value is a finding (as SageMaker's
+    ExplodingTensor rule with ``only_nan=False`` and Keras' TerminateOnNaN).
+    """
+
+    kinds = ("nonfinite",)
+
+    def reset(self) -> None:
+        self._active: Finding | None = None
+
+    def update(self, stats: StepStats) -> list[Finding]:
+        found = self._scan(stats)
+        if found is None:
+            self._active = None
+            return []
+        # One condition from the first bad step until everything is finite again: later checks
+        # (where NaN has spread to every layer) must not read as a new problem elsewhere.
+        if self._active is None:
+            self._active = found
+        return [self._active]
+
+    def _scan(self, stats: StepStats) -> Finding | None:
+        last = len(stats.steps) - 1
+        for row in range(len(stats.steps)):
+            bad = stats.has_grad[row] & ~np.isfinite(stats.grad_norm[row])
+            loss = float(stats.loss[row])
+            loss_bad = bool(stats.has_loss[row]) and not math.isfinite(loss)
+            weights = stats.weight_nonfinite if row == last else None
+            weight_bad = weights is not None and bool(np.nansum(weights) > 0)
+            if bad.any() or loss_bad or weight_bad:
+                return self._finding(stats, row, bad, loss, loss_bad, weights if weight_bad else None)
+        return None
+
+    def _finding(self, stats: StepStats, row: int, bad: np.ndarray, loss: float,
+                 loss_bad: bool, weights: np.ndarray | None) -> Finding:
+        ctx = self.context
+        step = int(stats.steps[row])
+        n_bad, n_with = int(bad.sum()), int(stats.has_grad[row].sum())
+        layer: str | None
+        if weights is not None:
+            idx = int(np.flatnonzero(weights > 0)[0])
+            layer, value = stats.layers[idx], float(weights[idx])
+            where = f"the weights of layer {ctx.describe(idx)} hold {int(value)} non-finite values"
+        elif n_bad and (n_bad < n_with or not loss_bad):
+            idx = int(np.flatnonzero(bad)[-1])
+            layer, value = stats.layers[idx], float(stats.grad_norm[row][idx])
+            where = (f"the gradient of layer {ctx.describe(idx)} is non-finite (L2 norm {value}); "
+                     f"it is the layer nearest the output of the {n_bad} affected")
+        else:
+            layer, value = None, loss
+            where = f"the loss is {loss}"
+            if n_bad:
+                where += f" and the gradients of all {n_bad} layers are non-finite"
+        return Finding(
+            kind="nonfinite", step=step, layer=layer, value=value, threshold=math.inf,
+            message=f"step {step}: {where}.",
+            advice=_advice.nonfinite(ctx, in_loss_only=loss_bad and not n_bad),
+            evidence={"layers": [stats.layers[i] for i in np.flatnonzero(bad)], "loss": loss},
+        )
+
+
+def _finite_losses(stats: StepStats) -> list[tuple[int, float]]:
+    keep = stats.has_loss & np.isfinite(stats.loss)
+    return [(int(s), float(x)) for s, x in zip(stats.steps[keep], stats.loss[keep])]
+
+
+class LossPlateauDetector(Detector):
+    """The loss stopped improving: Keras' EarlyStopping/ReduceLROnPlateau test on smoothed loss.
+
+    Per-step losses are averaged over blocks of ``window`` steps (minibatch noise would otherwise
+    hide or fake a plateau). A block improves when its mean is below the best block mean by more
+    than ``max(min_delta, min_delta_rel * |best|)``. A finding is raised once ``patience`` steps
+    pass without improvement; it clears when the loss improves again, after which it cannot
+    re-fire for ``cooldown`` steps. The message says whether the run is *stuck* (the best loss is
+    still within 10 % of the first block's) or has converged.
+
+    Args:
+        window: Steps per block. Defaults to ``25``.
+        patience: Steps without improvement. Defaults to ``200``.
+        min_delta: Absolute improvement. Defaults to ``1e-4`` (ReduceLROnPlateau's default).
+        min_delta_rel: Relative improvement. Defaults to ``1e-2``.
+        cooldown: Steps. Defaults to ``100``.
+    """
+
+    kinds = ("loss_plateau",)
+
+    def __init__(self, window: int = 25, patience: int = 200, min_delta: float = 1e-4,
+                 min_delta_rel: float = 1e-2, cooldown: int = 100) -> None:
+        super().__init__()
+        self.window = v.positive_int("window", window)
+        self.patience = v.positive_int("patience", patience)
+        if self.patience < self.window:
+            raise ValueError(f"patience ({patience}) must be >= window ({window})")
+        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not (
+                math.isfinite(min_delta) and min_delta >= 0):
+            raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
+        self.min_delta = float(min_delta)
+        self.min_delta_rel = v.fraction("min_delta_rel", min_delta_rel, inclusive_one=False)
+        self.cooldown = v.positive_int("cooldown", cooldown, minimum=0)
+        self.reset()
+
+    def reset(self) -> None:
+        self._block: list[float] = []
+        self._first: float | None = None
+        self._best: float | None = None
+        self._best_step = 0
+        self._last_step = 0
+        self._active = False
+        self._quiet_until = -1
+
+    def update(self, stats: StepStats) -> list[Finding] | None:
+        evaluated = False
+        for step, loss in _finite_losses(stats):
+            self._block.append(loss)
+            if len(self._block) < self.window:
+                continue
+            mean = float(np.mean(self._block))
+            self._block = []
+            evaluated = True
+            self._last_step = step
+            if self._first is None:
+                self._first = mean
+            if self._best is None or mean < self._best - max(self.min_delta,
+                                                             self.min_delta_rel * abs(self._best)):
+                self._best, self._best_step = mean, step
+                if self._active:
+                    self._active = False
+                    self._quiet_until = step + self.cooldown
+                self._current = mean
+                continue
+            self._current = mean
+        if not evaluated:
+            return None
+        waited = self._last_step - self._best_step
+        if waited < self.patience or self._last_step <= self._quiet_until:
+            return []
+        self._active = True
+        stuck = self._best > 0.9 * self._first if self._first > 0 else False
+        state = (f"the run is stuck: the best loss is within 10% of the first {self.window} "
+                 f"steps' mean {self._first:.4g}" if stuck else
+                 f"it fell from {self._first:.4g} at the start, so the run may have converged")
+        tol = max(self.min_delta, self.min_delta_rel * abs(self._best))
+        message = (f"step {self._last_step}: the loss has not improved by more than {tol:.2g} for "
+                   f"{waited} steps (best {self.window}-step mean {self._best:.4g} at step "
+                   f"{self._best_step}, now {self._current:.4g}); {state}.")
+        return [Finding(
+            kind="loss_plateau", step=self._last_step, layer=None, value=waited,
+            threshold=self.patience, message=message, advice=_advice.plateau(self.context, stuck),
+            evidence={"best": self._best, "best_step": self._best_step, "current": self._current,
+                      "first": self._first, "stuck": stuck},
+        )]
+
+
+class LossDivergenceDetector(Detector):
+    """The loss jumped far above its recent values, or rose above where training started.
+
+    * jump: the mean of the last ``spike_steps`` losses exceeds ``spike_factor`` times the
+      median of the ``window`` losses before them (after ``min_history``), and exceeds the
+      starting loss. One bad minibatch is noise; ``spike_steps`` in a row is a divergence;
+    * rise: the mean of the last ``min_history`` losses exceeds ``rise_factor`` times the mean
+      of the first ``min_history`` (the untrained model's loss): training made the model worse.
+
+    Both are tied to the starting loss so that a converged loss of 1e-3 jumping to 1e-2 is not
+    called a divergence. Non-finite losses are :class:`NonFiniteDetector`'s.
+
+    Args:
+        spike_factor: Defaults to ``10``.
+        spike_steps: Defaults to ``5``.
+        window: Defaults to ``50``.
+        min_history: Defaults to ``10``.
+        rise_factor: Defaults to ``1.5``.
+    """
+
+    kinds = ("loss_divergence",)
+
+    def __init__(self, spike_factor: float = 10.0, spike_steps: int = 5, window: int = 50,
+                 min_history: int = 10, rise_factor: float = 1.5) -> None:
+        super().__init__()
+        self.spike_factor = v.greater_than_one("spike_factor", spike_factor)
+        self.spike_steps = v.positive_int("spike_steps", spike_steps)
+        self.window = v.positive_int("window", window, minimum=2)
+        self.min_history = v.positive_int("min_history", min_history)
+        if self.min_history > self.window:
+            raise ValueError(f"min_history ({min_history}) must be <= window ({window})")
+        self.rise_factor = v.greater_than_one("rise_factor", rise_factor)
+        self.reset()
+
+    def reset(self) -> None:
+        self._history: collections.deque[float] = collections.deque(maxlen=self.window)
+        self._recent: collections.deque[float] = collections.deque(
+            maxlen=max(self.spike_steps, self.min_history))
+        self._start: list[float] = []
+
+    def update(self, stats: StepStats) -> list[Finding] | None:
+        losses = _finite_losses(stats)
+        if not losses:
+            return None
+        hit = None
+        for step, loss in losses:
+            if len(self._start) < self.min_history:
+                self._start.append(loss)
+            self._recent.append(loss)
+            ready = len(self._history) >= self.min_history and len(self._start) >= self.min_history
+            if hit is None and ready:
+                start = float(np.mean(self._start))
+                med = float(np.median(self._history))
+                recent = list(self._recent)
+                jump = float(np.mean(recent[-self.spike_steps:]))
+                rise = float(np.mean(recent[-self.min_history:]))
+                if (len(recent) >= self.spike_steps and med > 0 and jump > self.spike_factor * med
+                        and jump > start):
+                    hit = (step, jump, self.spike_factor * med,
+                           f"the mean loss of the last {self.spike_steps} steps ({jump:.4g}) is "
+                           f"{jump / med:.3g}x the median of the {len(self._history)} steps "
+                           f"before ({med:.4g})")
+                elif start > 0 and rise > self.rise_factor * start:
+                    hit = (step, rise, self.rise_factor * start,
+                           f"the mean loss of the last {self.min_history} steps ({rise:.4g}) is "
+                           f"{rise / start:.3g}x the starting loss ({start:.4g})")
+            if len(self._recent) > self.spike_steps:
+                # Only losses older than the jump window form the reference history.
+                self._history.append(list(self._recent)[-self.spike_steps - 1])
+        if hit is None:
+            return []
+        step, value, threshold, why = hit
+        return [Finding(kind="loss_divergence", step=step, layer=None, value=value,
+                        threshold=threshold, message=f"step {step}: {why}.",
+                        advice=_advice.divergence(self.context),
+                        evidence={"start": float(np.mean(self._start))})]
+
+
+class UpdateRatioDetector(Detector):
+    """Weight updates far too small (stalled) or far too large for the weights they change.
+
+    The ratio ``||W_after - W_before|| / ||W_before||`` of the check step, per layer. The rule of
+    thumb (CS231n) is ~1e-3. A layer is *stalled* when its ratio is below ``stall_threshold``
+    while its gradient is not small next to its weights (``||g|| / ||W|| >= min_grad_to_weight``),
+    so a tiny learning rate is told apart from vanishing gradients and from a converged model.
+    It *updates too much* above ``large_threshold``. Either needs ``patience`` consecutive checks.
+
+    Args:
+        stall_threshold: Defaults to ``1e-5`` (100x below the 1e-3 rule of thumb).
+        large_threshold: Defaults to ``0.1`` (100x above it).
+        min_grad_to_weight: Defaults to ``1e-3``.
+        patience: Defaults to ``3``.
+    """
+
+    kinds = ("stalled_update", "large_update")
+
+    def __init__(self, stall_threshold: float = 1e-5, large_threshold: float = 0.1,
+                 min_grad_to_weight: float = 1e-3, patience: int = 3) -> None:
+        super().__init__()
+        self.stall_threshold = v.positive_float("stall_threshold", stall_threshold)
+        self.large_threshold = v.positive_float("large_threshold", large_threshold)
+        if self.stall_threshold >= self.large_threshold:
+            raise ValueError(f"stall_threshold ({stall_threshold}) must be < large_threshold "
+                             f"({large_threshold})")
+        self.min_grad_to_weight = v.positive_float("min_grad_to_weight", min_grad_to_weight)
+        self.patience = v.positive_int("patience", patience)
+        self.reset()
+
+    def reset(self) -> None:
+        self._stalled = _Sustained()
+        self._large = _Sustained()
+
+    def update(self, stats: StepStats) -> list[Finding] | None:
+        if stats.update_ratio is None or stats.weight_norm is None:
+            return None
+        r = stats.update_ratio
+        ok = stats.last_has_grad & np.isfinite(r)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            g_to_w = stats.last_grad_norm / stats.weight_norm
+        stalled = ok & (r < self.stall_threshold) & (g_to_w >= self.min_grad_to_weight)
+        large = ok & (r > self.large_threshold)
+        out = []
+        for kind, mask, tracker, thr in (("stalled_update", stalled, self._stalled, self.stall_threshold),
+                                         ("large_update", large, self._large, self.large_threshold)):
+            counts = tracker.update(set(np.flatnonzero(mask).tolist()))
+            hits = sorted(i for i, c in counts.items() if c >= self.patience)
+            if hits:
+                out.append(self._finding(stats, kind, hits, counts, thr, g_to_w))
+        return out
+
+    def _finding(self, stats, kind, hits, counts, thr, g_to_w) -> Finding:
+        ctx = self.context
+        i = hits[0]
+        r = stats.update_ratio
+        change = ""
+        if stats.weight_change is not None and np.isfinite(stats.weight_change[i]):
+            change = f"; its weights changed {100 * stats.weight_change[i]:.3g}% since the start"
+        if kind == "stalled_update":
+            what = (f"update/weight ratio {_fmt(r[i])} is below {_fmt(thr)} for {counts[i]} "
+                    f"consecutive checks while its gradient is healthy (||g||/||W|| = "
+                    f"{_fmt(g_to_w[i])}){change}. {ctx.span(hits).capitalize()} barely move: the "
+                    "step size, not the gradient, is too small.")
+            advice = _advice.stalled(ctx)
+        else:
+            what = (f"update/weight ratio {_fmt(r[i])} is above {_fmt(thr)} for {counts[i]} "
+                    f"consecutive checks{change}. {ctx.span(hits).capitalize()} change by a large "
+                    "share of their size every step.")
+            advice = _advice.large_update(ctx)
+        return Finding(
+            kind=kind, step=stats.step, layer=stats.layers[i], value=r[i], threshold=thr,
+            message=f"step {stats.step}: layer {ctx.describe(i)}: {what}", advice=advice,
+            evidence={"layers": [stats.layers[j] for j in hits],
+                      "update_ratio": {stats.layers[j]: r[j] for j in hits}},
+        )
+
+
+class _ActivationDetector(Detector):
+    _site_kinds: tuple[str, ...] = ()
+    _field = ""
+
+    def __init__(self, threshold: float = 0.5, patience: int = 2) -> None:
+        super().__init__()
+        self.threshold = v.fraction("threshold", threshold)
+        self.patience = v.positive_int("patience", patience)
+        self.reset()
+
+    def reset(self) -> None:
+        self._sustained = _Sustained()
+
+    def update(self, stats: StepStats) -> list[Finding] | None:
+        sites = {name: a for name, a in stats.activations.items() if a.kind in self._site_kinds}
+        if not sites:
+            return None
+        values = {name: getattr(a, self._field) for name, a in sites.items()}
+        holding = {n for n, x in values.items() if math.isfinite(x) and x >= self.threshold}
+        counts = self._sustained.update(holding)
+        hits = [n for n in sites if counts.get(n, 0) >= self.patience]  # forward order
+        if not hits:
+            return []
+        return [self._finding(stats, hits, sites, values, counts)]
+
+    def _finding(self, stats, hits, sites, values, counts) -> Finding:
+        raise NotImplementedError
+
+
+class DeadUnitsDetector(_ActivationDetector):
+    """ReLU layers where a large share of units output zero for a whole sampled batch.
+
+    A unit (feature, or channel of a conv map) is dead when it is zero for every example and
+    position of the batch. Sampled every ``activation_every`` steps from forward activations.
+
+    Args:
+        threshold: Fraction of dead units in a layer. Defaults to ``0.5`` (SageMaker DeadRelu's
+            ``threshold_layer=50``).
+        patience: Consecutive samples. Defaults to ``2``.
+    """
+
+    kinds = ("dead_units",)
+    _site_kinds = ("relu",)
+    _field = "dead_fraction"
+
+    def _finding(self, stats, hits, sites, values, counts) -> Finding:
+        name = hits[0]
+        a = sites[name]
+        others = f" Also: {', '.join(repr(h) for h in hits[1:])}." if len(hits) > 1 else ""
+        message = (f"step {stats.step}: activation '{name}' (ReLU): {100 * values[name]:.3g}% of its "
+                   f"{a.units} units output zero for the whole batch, for {counts[name]} "
+                   f"consecutive samples; dead units pass no gradient and do not recover.{others}")
+        return Finding(kind="dead_units", step=stats.step, layer=name, value=values[name],
+                       threshold=self.threshold, message=message,
+                       advice=_advice.dead_units(self.context),
+                       evidence={"sites": {h: values[h] for h in hits}})
+
+
+class SaturationDetector(_ActivationDetector):
+    """Sigmoid/tanh layers whose outputs sit in the flat region, where the derivative is < 1%
+    of its peak (sigmoid output outside [0.0025, 0.9975], tanh |output| > 0.995).
+
+    Args:
+        threshold: Fraction of saturated outputs in a layer. Defaults to ``0.5`` (as SageMaker
+            SaturatedActivation's ``threshold_layer=50``).
+        patience: Consecutive samples. Defaults to ``2``.
+    """
+
+    kinds = ("saturated_units",)
+    _site_kinds = ("sigmoid", "tanh")
+    _field = "saturated_fraction"
+
+    def _finding(self, stats, hits, sites, values, counts) -> Finding:
+        name = hits[0]
+        a = sites[name]
+        others = f" Also: {', '.join(repr(h) for h in hits[1:])}." if len(hits) > 1 else ""
+        message = (f"step {stats.step}: activation '{name}' ({a.kind}): {100 * values[name]:.3g}% "
+                   f"of its outputs are saturated (derivative < 1% of its peak) for {counts[name]} "
+                   f"consecutive samples; almost no gradient passes through them.{others}")
+        return Finding(kind="saturated_units", step=stats.step, layer=name, value=values[name],
+                       threshold=self.threshold, message=message,
+                       advice=_advice.saturated(self.context),
+                       evidence={"sites": {h: values[h] for h in hits}})
+
+
+#: Derivative below this fraction of its peak counts as saturated (adapters use it).
+SATURATION_DERIVATIVE = 0.01
+
+
+def default_detectors() -> list[Detector]:
+    """A fresh instance of every built-in detector with its default thresholds."""
+    return [
+        NonFiniteDetector(),
+        VanishingGradientDetector(),
+        ExplodingGradientDetector(),
+        LossPlateauDetector(),
+        LossDivergenceDetector(),
+        UpdateRatioDetector(),
+        DeadUnitsDetector(),
+        SaturationDetector(),
+    ]

@@ -1,0 +1,76 @@
+"""Hook specifications: how adapters, detectors and sinks plug into gradwatch (pluggy)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from ._detectors import Detector
+    from ._findings import Finding
+    from ._monitor import Monitor
+    from ._report import Report
+    from ._stats import StepStats
+
+hookspec = pluggy.HookspecMarker("gradwatch")
+hookimpl = pluggy.HookimplMarker("gradwatch")
+
+# -------------------------------------------------------------------------
+# adapters
+# -------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def gradwatch_claim_model(model: Any, options: dict[str, Any]) -> Any | None:
+    """Return a watcher for ``model`` if this adapter recognises it, else ``None``.
+
+    Stops at the first non-None result. An adapter must not import its framework just to say
+    no: check ``sys.modules`` first (a model of a framework that was never imported cannot
+    exist). ``options`` are the keyword arguments given to :func:`gradwatch.watch`.
+    """
+
+
+# -------------------------------------------------------------------------
+# detectors
+# -------------------------------------------------------------------------
+
+
+@hookspec
+def gradwatch_default_detectors() -> list[Detector]:
+    """Return fresh detector instances to run when the user does not pass ``detectors=``.
+
+    All results are used (not first-result): built-in and third-party detectors add up.
+    """
+
+
+# -------------------------------------------------------------------------
+# sinks: everything that leaves the monitor
+# -------------------------------------------------------------------------
+
+
+@hookspec
+def gradwatch_run_start(monitor: Monitor) -> None:
+    """A watched run starts (the monitor knows its layers and model summary). All are called."""
+
+
+@hookspec
+def gradwatch_step_stats(monitor: Monitor, stats: StepStats) -> None:
+    """Statistics of one check arrived, before detectors run. All are called."""
+
+
+@hookspec
+def gradwatch_finding(monitor: Monitor, finding: Finding) -> None:
+    """A condition started. All are called; an exception in one does not stop the others
+    (except :class:`~gradwatch.GradientHealthError` and warnings turned into errors, which
+    propagate to the training loop on purpose)."""
+
+
+@hookspec
+def gradwatch_finding_cleared(monitor: Monitor, finding: Finding, step: int) -> None:
+    """A condition reported earlier no longer holds at ``step``. All are called."""
+
+
+@hookspec
+def gradwatch_run_end(monitor: Monitor, report: Report) -> None:
+    """The run ended (watcher removed, or Keras' on_train_end). All are called."""

@@ -1,0 +1,258 @@
+"""The framework-neutral engine: runs detectors on each check, reports starts and clears once,
+and keeps training alive when gradwatch itself fails."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _manager
+from . import _validate as v
+from ._context import RunContext
+from ._detectors import Detector
+from ._findings import Finding, GradWatchInternalWarning
+from ._report import LayerAggregate, LayerRow, Report
+from ._sinks import FindingSink, JsonlSink
+from ._stats import StepStats
+
+logger = logging.getLogger("gradwatch")
+
+#: Options every adapter accepts; adapters add their own.
+CORE_OPTIONS = ("detectors", "on_finding", "events", "check_every", "activation_every",
+                "repeat_after", "name", "plugins")
+
+
+class Monitor:
+    """Runs the detectors over each :class:`StepStats` and dispatches what they find.
+
+    Args:
+        context: Layers and model summary from the adapter.
+        detectors: Detector instances to run. Defaults to every plugin's
+            ``gradwatch_default_detectors`` (the built-ins plus any installed).
+        on_finding: ``"warn"`` (a warning of the finding's category plus an INFO log record),
+            ``"log"`` (a WARNING record on the ``gradwatch`` logger), ``"raise"``
+            (:class:`GradientHealthError`) or a callable taking the finding. Defaults to
+            ``"warn"``.
+        events: Path of a JSONL event file, or ``None``. Defaults to ``None``.
+        check_every: Optimizer steps between checks (the adapter's host transfers).
+            Defaults to ``10``.
+        activation_every: Steps between forward-activation samples (dead/saturated units), a
+            multiple of ``check_every``, or ``None`` to disable. Defaults to ``5 * check_every``.
+        repeat_after: A condition that clears and starts again within this many steps is not
+            reported again (flapping). Defaults to ``500``.
+        name: A run name for the event file. Defaults to ``None``.
+        plugins: Extra plugin objects (sinks, detectors) for this run only.
+    """
+
+    def __init__(
+        self,
+        context: RunContext,
+        *,
+        detectors: Sequence[Detector] | None = None,
+        on_finding: str | Callable[[Finding], Any] = "warn",
+        events: str | os.PathLike | None = None,
+        check_every: int = 10,
+        activation_every: int | None | str = "auto",
+        repeat_after: int = 500,
+        name: str | None = None,
+        plugins: Sequence[object] = (),
+    ) -> None:
+        self.context = context
+        self.check_every = v.positive_int("check_every", check_every)
+        if activation_every == "auto":
+            activation_every = 5 * self.check_every
+        if activation_every is not None:
+            activation_every = v.positive_int("activation_every", activation_every)
+            if activation_every % self.check_every:
+                raise ValueError(f"activation_every ({activation_every}) must be a multiple of "
+                                 f"check_every ({self.check_every})")
+        self.activation_every = activation_every
+        self.repeat_after = v.positive_int("repeat_after", repeat_after, minimum=0)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        self.run_name = name
+        self.pm = _manager.new_plugin_manager()
+        for plugin_name, plugin in _manager.get_plugin_manager().list_name_plugin():
+            if plugin is not None:
+                self.pm.register(plugin, name=plugin_name)
+        self.pm.register(FindingSink(on_finding), name="findings")
+        if events is not None:
+            self.pm.register(JsonlSink(events), name="events")
+        for i, plugin in enumerate(plugins):
+            self.pm.register(plugin, name=f"run-plugin-{i}")
+        if detectors is None:
+            detectors = [d for group in self._call("gradwatch_default_detectors") for d in group]
+        else:
+            detectors = list(detectors)
+            for i, d in enumerate(detectors):
+                if not isinstance(d, Detector):
+                    raise TypeError(f"detectors[{i}] must be a gradwatch.Detector, got "
+                                    f"{type(d).__name__}")
+        self.detectors: list[Detector] = detectors
+        #: Findings in order of occurrence (starts only; clears go to the log and event file).
+        self.findings: list[Finding] = []
+        self._errors: dict[str, str] = {}
+        self.reset()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Start a new run: detectors, findings and summaries are cleared."""
+        for det in self.detectors:
+            try:
+                det.bind(self.context)
+            except Exception as exc:
+                self.internal_error(f"detector {type(det).__name__}.bind", exc)
+        self.findings = []
+        self._active: dict[int, dict[tuple[str, str | None], Finding]] = {}
+        self._last_start: dict[tuple[str, str | None], int] = {}
+        self._aggregate = LayerAggregate(len(self.context.layers))
+        self._steps = 0
+        self._checks = 0
+        self._suppressed = 0
+        self._loss_first = math.nan
+        self._loss_last = math.nan
+        self._ended = False
+        self._call("gradwatch_run_start", monitor=self)
+
+    def set_context(self, context: RunContext) -> None:
+        """The adapter's view of the model changed (new layers): rebind and keep going."""
+        self.context = context
+        self._aggregate = LayerAggregate(len(context.layers))
+        for det in self.detectors:
+            try:
+                det.bind(context)
+            except Exception as exc:
+                self.internal_error(f"detector {type(det).__name__}.bind", exc)
+
+    def is_check_step(self, step: int) -> bool:
+        return step % self.check_every == 0
+
+    def is_activation_step(self, step: int) -> bool:
+        return self.activation_every is not None and step % self.activation_every == 0
+
+    # -- the check ---------------------------------------------------------------------------
+
+    def check(self, stats: StepStats) -> list[Finding]:
+        """Run every detector on ``stats``; return the findings that started at this check."""
+        self._checks += 1
+        self._steps = max(self._steps, int(stats.step))
+        try:
+            self._aggregate.add(stats)
+            finite = stats.loss[stats.has_loss & np.isfinite(stats.loss)]
+            if finite.size:
+                if math.isnan(self._loss_first):
+                    self._loss_first = float(finite[0])
+                self._loss_last = float(finite[-1])
+        except Exception as exc:
+            self.internal_error("report aggregation", exc)
+        self._call("gradwatch_step_stats", monitor=self, stats=stats)
+        results = []
+        for det in self.detectors:
+            try:
+                result = det.update(stats)
+            except Exception as exc:
+                self.internal_error(f"detector {type(det).__name__}", exc)
+                continue
+            if result is not None:
+                results.append((det, result))
+        started: list[Finding] = []
+        cleared: list[Finding] = []
+        for det, result in results:
+            self._transition(det, result, started, cleared)
+        # Once values are NaN/Inf every other statistic is a consequence, not news.
+        bad_since = min((f.step for d in self._active.values() for f in d.values()
+                         if f.kind == "nonfinite"), default=None)
+        started.sort(key=lambda f: f.step)
+        emitted = []
+        for f in started:
+            if bad_since is not None and f.kind != "nonfinite" and f.step >= bad_since:
+                self._suppressed += 1
+                continue
+            last = self._last_start.get((f.kind, f.layer))
+            self._last_start[(f.kind, f.layer)] = f.step
+            if last is not None and f.step - last < self.repeat_after:
+                self._suppressed += 1
+                continue
+            self.findings.append(f)
+            emitted.append(f)
+            self._call("gradwatch_finding", monitor=self, finding=f)
+        for f in cleared:
+            self._call("gradwatch_finding_cleared", monitor=self, finding=f, step=stats.step)
+        return emitted
+
+    def _transition(self, det: Detector, result: list[Finding], started: list[Finding],
+                    cleared: list[Finding]) -> None:
+        before = self._active.get(id(det), {})
+        now: dict[tuple[str, str | None], Finding] = {}
+        for f in result:
+            key = (f.kind, f.layer)
+            if key in before:
+                now[key] = before[key]
+            elif key not in now:
+                now[key] = f
+                started.append(f)
+        cleared.extend(f for key, f in before.items() if key not in now)
+        self._active[id(det)] = now
+
+    # -- failures ----------------------------------------------------------------------------
+
+    def internal_error(self, where: str, exc: BaseException) -> None:
+        """Report a failure of gradwatch itself once per place; training goes on."""
+        if where in self._errors:
+            return
+        text = f"{type(exc).__name__}: {exc}"
+        self._errors[where] = text
+        logger.error("gradwatch: %s failed and is skipped from now on where possible; training "
+                     "continues.\n%s", where, "".join(traceback.format_exception(exc)))
+        warnings.warn(f"gradwatch: {where} failed ({text}); training continues",
+                      GradWatchInternalWarning, stacklevel=3)
+
+    def _call(self, hook: str, **kwargs: Any) -> list[Any]:
+        return _manager.call_each(self.pm, hook, self.internal_error, **kwargs)
+
+    # -- results -----------------------------------------------------------------------------
+
+    def note_steps(self, step: int) -> None:
+        """The adapter tells the monitor how many optimizer steps have completed."""
+        self._steps = max(self._steps, step)
+
+    def report(self) -> Report:
+        agg = self._aggregate
+        flags: dict[str, list[str]] = {}
+        for f in self.findings:
+            names = [f.layer] if f.layer is not None else []
+            names += list(f.evidence.get("layers", [])) if isinstance(f.evidence, dict) else []
+            for n in names:
+                flags.setdefault(n, [])
+                if f.kind not in flags[n]:
+                    flags[n].append(f.kind)
+        typical = agg.typical()
+        rows = tuple(
+            LayerRow(name=layer.name, type=layer.type, num_params=layer.num_params,
+                     grad_norm=float(agg.last_grad[i]), grad_norm_typical=float(typical[i]),
+                     update_ratio=float(agg.update_ratio[i]),
+                     weight_change=float(agg.weight_change[i]),
+                     flags=tuple(flags.get(layer.name, ())))
+            for i, layer in enumerate(self.context.layers)
+        )
+        return Report(framework=self.context.model.framework, steps=self._steps,
+                      checks=self._checks, layers=rows, findings=tuple(self.findings),
+                      suppressed=self._suppressed,
+                      internal_errors=tuple(f"{k}: {e}" for k, e in self._errors.items()),
+                      loss_first=self._loss_first, loss_last=self._loss_last)
+
+    def end(self) -> Report:
+        """Finish the run: the summary goes to the log and the event file (once)."""
+        report = self.report()
+        if not self._ended:
+            self._ended = True
+            self._call("gradwatch_run_end", monitor=self, report=report)
+        return report

@@ -1,0 +1,141 @@
+"""Built-in sinks: Python warnings, the ``gradwatch`` logger, and a JSONL event file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from ._findings import Finding, GradientHealthError, to_json_ready
+from ._hookspecs import hookimpl
+
+logger = logging.getLogger("gradwatch")
+# A library logs; the application decides where it goes. Without this, logging's last-resort
+# handler would print every record a second time next to the warning.
+logger.addHandler(logging.NullHandler())
+
+ON_FINDING = ("warn", "log", "raise")
+
+
+class FindingSink:
+    """Turns a new finding into a warning, a log record, an exception or a callback."""
+
+    def __init__(self, on_finding: str | Callable[[Finding], Any] = "warn") -> None:
+        if not callable(on_finding) and on_finding not in ON_FINDING:
+            raise ValueError(
+                f"on_finding must be one of {', '.join(map(repr, ON_FINDING))} or a callable "
+                f"taking a Finding; got {on_finding!r}"
+            )
+        #: "warn", "log", "raise" or a callable.
+        self.on_finding = on_finding
+
+    @hookimpl
+    def gradwatch_finding(self, finding: Finding) -> None:
+        text = finding.render()
+        mode = self.on_finding
+        if mode == "warn":
+            logger.info("%s: %s", finding.category.__name__, text)
+            # stacklevel: the warning points at gradwatch's hook, not a random torch frame;
+            # the message itself names step and layer.
+            warnings.warn(text, finding.category, stacklevel=2)
+        elif mode == "log":
+            logger.warning("%s: %s", finding.category.__name__, text)
+        elif mode == "raise":
+            logger.error("%s: %s", finding.category.__name__, text)
+            raise GradientHealthError(finding)
+        else:
+            logger.info("%s: %s", finding.category.__name__, text)
+            mode(finding)
+
+    @hookimpl
+    def gradwatch_finding_cleared(self, finding: Finding, step: int) -> None:
+        where = f" in layer '{finding.layer}'" if finding.layer is not None else ""
+        logger.info("step %d: %s%s (reported at step %d) has cleared.", step, finding.kind,
+                    where, finding.step)
+
+    @hookimpl
+    def gradwatch_run_end(self, report) -> None:
+        logger.info("gradwatch summary:\n%s", report)
+
+
+class JsonlSink:
+    """Appends one JSON object per line to ``path``, flushed per event.
+
+    Every complete line is valid JSON on its own, so a run killed mid-write leaves a readable
+    file with at most a truncated last line. Non-finite numbers are written as the strings
+    ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"events must be a path (str or os.PathLike), got {type(path).__name__}")
+        #: Where events go.
+        self.path = os.fspath(path)
+        self._file = None
+        self._broken = False
+
+    def _write(self, event: dict[str, Any]) -> None:
+        if self._broken:
+            return
+        try:
+            self._write_line(event)
+        except Exception:
+            # Reported once by the monitor; the other sinks and training carry on.
+            self._broken = True
+            raise
+
+    def _write_line(self, event: dict[str, Any]) -> None:
+        if self._file is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held for the run
+        event = {"event": event.pop("event"), "time": round(time.time(), 3), **event}
+        self._file.write(json.dumps(to_json_ready(event), allow_nan=False) + "\n")
+        self._file.flush()
+
+    @hookimpl
+    def gradwatch_run_start(self, monitor) -> None:
+        ctx = monitor.context
+        self._write({
+            "event": "start", "run": monitor.run_name, "framework": ctx.model.framework,
+            "layers": [vars(layer) for layer in ctx.layers],
+            "model": {k: sorted(x) if isinstance(x, frozenset) else x
+                      for k, x in vars(ctx.model).items()},
+            "check_every": monitor.check_every,
+        })
+
+    @hookimpl
+    def gradwatch_step_stats(self, stats) -> None:
+        event = {"event": "stats", "step": stats.step, "steps": stats.steps,
+                 "loss": stats.loss, "has_loss": stats.has_loss, "grad_norm": stats.grad_norm[-1],
+                 "has_grad": stats.has_grad[-1]}
+        for name in ("grad_max", "grad_nonfinite", "grad_zero_fraction", "weight_norm",
+                     "update_ratio", "weight_change"):
+            value = getattr(stats, name)
+            if value is not None:
+                event[name] = value
+        if stats.activations:
+            event["activations"] = {k: vars(a) for k, a in stats.activations.items()}
+        self._write(event)
+
+    @hookimpl
+    def gradwatch_finding(self, finding: Finding) -> None:
+        self._write({"event": "finding", **finding.to_dict()})
+
+    @hookimpl
+    def gradwatch_finding_cleared(self, finding: Finding, step: int) -> None:
+        self._write({"event": "cleared", "step": step, "kind": finding.kind,
+                     "layer": finding.layer, "since": finding.step})
+
+    @hookimpl
+    def gradwatch_run_end(self, report) -> None:
+        self._write({"event": "end", "step": report.steps, "summary": report.summary()})
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,172 @@
+"""The framework-neutral boundary: what an adapter measured, as plain numpy."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    """What an adapter can see of one parameterised layer, in depth order."""
+
+    #: The framework's own name (``named_modules()`` path, Keras layer path).
+    name: str
+    #: Class name, e.g. ``"Linear"``, ``"Conv2d"``, ``"Dense"``.
+    type: str
+    #: Number of trainable scalars the layer owns (shared parameters counted once).
+    num_params: int
+    #: Weight standard deviation times sqrt(fan_in) at watch time; He init gives ~1.41 and
+    #: Xavier/Glorot ~1 for square layers. ``None`` when the layer has no matrix/kernel weight.
+    init_gain: float | None = None
+    #: True for recurrent layers (RNN/LSTM/GRU), whose gradients can explode through time.
+    recurrent: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the adapter can see of the whole model; advice is chosen from it."""
+
+    framework: str
+    #: Activation kinds found in the model: "sigmoid", "tanh", "relu", "leaky_relu", "prelu",
+    #: "gelu", "elu", "softplus", ... (lower case). Functional activations are invisible.
+    activations: frozenset[str] = frozenset()
+    #: Normalisation kinds found: "batchnorm", "layernorm", "groupnorm", ...
+    normalization: frozenset[str] = frozenset()
+    #: Number of parameterised layers.
+    depth: int = 0
+    #: True/False when the adapter can tell whether the model has skip connections, else None.
+    residual: bool | None = None
+    recurrent: bool = False
+    #: Learning rate(s) of the optimizer, when the adapter knows them.
+    learning_rates: tuple[float, ...] = ()
+    optimizer: str | None = None
+    #: Observed by the adapter: gradients were norm-clipped between backward and the step.
+    clipping: bool | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationStats:
+    """Forward-activation statistics of one activation site, sampled on a schedule."""
+
+    #: "relu" (dead units) or "sigmoid"/"tanh" (saturation).
+    kind: str
+    #: Fraction of units (features/channels) that were zero for the whole batch.
+    dead_fraction: float = float("nan")
+    #: Fraction of outputs in the flat region of a sigmoid/tanh.
+    saturated_fraction: float = float("nan")
+    #: Number of units (features or channels) at this site.
+    units: int = 0
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepStats:
+    """Statistics of one check, covering the optimizer steps since the previous check.
+
+    Per-step arrays (``steps``, ``grad_norm``, ``has_grad``, ``loss``) have one row per optimizer
+    step since the last check, oldest first; the last row is the check step ``step``. The other
+    per-layer arrays describe the check step only, and are ``None`` when not measured. Every
+    per-layer array follows ``layers`` (depth order: input side first).
+    """
+
+    step: int
+    layers: tuple[str, ...]
+    #: Optimizer step numbers covered by this check, shape ``[S]``.
+    steps: np.ndarray
+    #: Per-step, per-layer gradient L2 norm ``[S, L]``; NaN/Inf when the gradient was non-finite,
+    #: NaN too where ``has_grad`` is False.
+    grad_norm: np.ndarray
+    #: Which layers received a gradient at each step ``[S, L]`` (frozen or unused layers: False).
+    has_grad: np.ndarray
+    #: Loss per step ``[S]`` (mean over micro-batches), NaN where none was observed.
+    loss: np.ndarray
+    #: Number of gradient elements per layer ``[L]`` (to turn norms into RMS values).
+    grad_size: np.ndarray
+    #: Max |g| per layer at the check step ``[L]``.
+    grad_max: np.ndarray | None = None
+    #: Count of NaN/Inf gradient elements per layer at the check step ``[L]``.
+    grad_nonfinite: np.ndarray | None = None
+    #: Which steps had a loss observed ``[S]``; ``None`` means "wherever ``loss`` is not NaN".
+    #: Adapters set it, so that a NaN loss is told apart from no loss at all.
+    has_loss: np.ndarray | None = None
+    #: Fraction of exactly-zero gradient elements per layer at the check step ``[L]``.
+    grad_zero_fraction: np.ndarray | None = None
+    #: Weight L2 norm per layer after the check step ``[L]``.
+    weight_norm: np.ndarray | None = None
+    #: Count of NaN/Inf weight elements per layer ``[L]``.
+    weight_nonfinite: np.ndarray | None = None
+    #: ||W_after - W_before|| / ||W_before|| for the check step, per layer ``[L]``.
+    update_ratio: np.ndarray | None = None
+    #: ||W_now - W_start|| / ||W_start|| per layer ``[L]`` (0.05 means 5 % since the start).
+    weight_change: np.ndarray | None = None
+    #: Sampled forward activations, keyed by activation-site name.
+    activations: Mapping[str, ActivationStats] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n_layers = len(self.layers)
+        s = np.asarray(self.steps).shape
+        if len(s) != 1 or s[0] < 1:
+            raise ValueError("StepStats.steps must be a non-empty 1-D array")
+        for name in ("grad_norm", "has_grad"):
+            shape = np.shape(getattr(self, name))
+            if shape != (s[0], n_layers):
+                raise ValueError(f"StepStats.{name} must have shape {(s[0], n_layers)}, got {shape}")
+        if self.has_loss is None:
+            object.__setattr__(self, "has_loss", ~np.isnan(np.asarray(self.loss, dtype=float)))
+        if np.shape(self.has_loss) != (s[0],):
+            raise ValueError(f"StepStats.has_loss must have shape {(s[0],)}")
+        if np.shape(self.loss) != (s[0],):
+            raise ValueError(f"StepStats.loss must have shape {(s[0],)}, got {np.shape(self.loss)}")
+        for name in (
+            "grad_size", "grad_max", "grad_nonfinite", "grad_zero_fraction", "weight_norm",
+            "weight_nonfinite", "update_ratio", "weight_change",
+        ):
+            value = getattr(self, name)
+            if value is not None and np.shape(value) != (n_layers,):
+                raise ValueError(f"StepStats.{name} must have shape {(n_layers,)}, got {np.shape(value)}")
+
+    @property
+    def last_grad_norm(self) -> np.ndarray:
+        """Gradient norm per layer at the check step ``[L]``."""
+        return self.grad_norm[-1]
+
+    @property
+    def last_has_grad(self) -> np.ndarray:
+        return self.has_grad[-1]
+
+    def rms(self, norms: np.ndarray) -> np.ndarray:
+        """Norms divided by sqrt(element count): a size-independent gradient magnitude."""
+        return norms / np.sqrt(np.maximum(self.grad_size, 1))
+
+
+def make_step_stats(
+    step: int,
+    layers: Sequence[str],
+    grad_norm: Sequence[float] | np.ndarray,
+    *,
+    loss: float | None = None,
+    has_loss: bool | None = None,
+    grad_size: Sequence[int] | np.ndarray | None = None,
+    has_grad: Sequence[bool] | np.ndarray | None = None,
+    **extras,
+) -> StepStats:
+    """Build a single-step :class:`StepStats` (handy in tests and third-party adapters)."""
+    g = np.asarray(grad_norm, dtype=float).reshape(1, -1)
+    hg = np.ones_like(g, dtype=bool) if has_grad is None else np.asarray(has_grad, bool).reshape(1, -1)
+    size = np.ones(g.shape[1]) if grad_size is None else np.asarray(grad_size, dtype=float)
+    arrays = {k: (None if v is None else np.asarray(v, dtype=float)) for k, v in extras.items()
+              if k != "activations"}
+    return StepStats(
+        step=step,
+        layers=tuple(layers),
+        steps=np.array([step]),
+        grad_norm=g,
+        has_grad=hg,
+        loss=np.array([np.nan if loss is None else loss], dtype=float),
+        has_loss=np.array([loss is not None if has_loss is None else has_loss]),
+        grad_size=size,
+        activations=extras.get("activations", {}),
+        **arrays,
+    )

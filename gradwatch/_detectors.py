@@ -109,8 +109,7 @@ class VanishingGradientDetector(Detector):
         message = (
             f"step {stats.step}: layer {ctx.describe(first)}: gradient L2 norm {_fmt(norms[first])} "
             f"is {_fmt(rel[first])} of the largest layer's ('{stats.layers[top]}', {_fmt(best)}) "
-            f"for {counts[first]} consecutive checks. {ctx.span(hits).capitalize()} barely "
-            "receive gradient."
+            f"for {counts[first]} consecutive checks. Gradient barely reaches {ctx.span(hits)}."
         )
         return [Finding(
             kind="vanishing_gradient", step=stats.step, layer=stats.layers[first],
@@ -525,13 +524,13 @@ class UpdateRatioDetector(Detector):
         if kind == "stalled_update":
             what = (f"update/weight ratio {_fmt(r[i])} is below {_fmt(thr)} for {counts[i]} "
                     f"consecutive checks while its gradient is healthy (||g||/||W|| = "
-                    f"{_fmt(g_to_w[i])}){change}. {ctx.span(hits).capitalize()} barely move: the "
-                    "step size, not the gradient, is too small.")
+                    f"{_fmt(g_to_w[i])}){change}. The weights of {ctx.span(hits)} barely move: "
+                    "the step size, not the gradient, is too small.")
             advice = _advice.stalled(ctx)
         else:
             what = (f"update/weight ratio {_fmt(r[i])} is above {_fmt(thr)} for {counts[i]} "
-                    f"consecutive checks{change}. {ctx.span(hits).capitalize()} change by a large "
-                    "share of their size every step.")
+                    f"consecutive checks{change}. The weights of {ctx.span(hits)} change by a "
+                    "large share of their size every step.")
             advice = _advice.large_update(ctx)
         return Finding(
             kind=kind, step=stats.step, layer=stats.layers[i], value=r[i], threshold=thr,

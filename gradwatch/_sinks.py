@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -19,6 +20,22 @@ logger = logging.getLogger("gradwatch")
 logger.addHandler(logging.NullHandler())
 
 ON_FINDING = ("warn", "log", "raise")
+
+# Frames from these packages are skipped so a warning points at the user's line (the
+# `optimizer.step()` or `loss.backward()` that triggered the check), not at gradwatch internals.
+_INTERNAL = ("gradwatch", "pluggy", "torch", "keras", "tensorflow", "jax", "contextlib")
+
+
+def _user_stacklevel() -> int:
+    level, frame = 1, sys._getframe(1)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        root = module.split(".")[0]
+        if root not in _INTERNAL and not root.startswith("gradwatch"):
+            return level
+        frame = frame.f_back
+        level += 1
+    return 1
 
 
 class FindingSink:
@@ -39,9 +56,7 @@ class FindingSink:
         mode = self.on_finding
         if mode == "warn":
             logger.info("%s: %s", finding.category.__name__, text)
-            # stacklevel: the warning points at gradwatch's hook, not a random torch frame;
-            # the message itself names step and layer.
-            warnings.warn(text, finding.category, stacklevel=2)
+            warnings.warn(text, finding.category, stacklevel=_user_stacklevel())
         elif mode == "log":
             logger.warning("%s: %s", finding.category.__name__, text)
         elif mode == "raise":

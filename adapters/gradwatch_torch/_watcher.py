@@ -62,6 +62,12 @@ def _next_prime(n: int) -> int:
     return n
 
 
+def _remove_handles(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
 @dataclasses.dataclass
 class _Layer:
     name: str
@@ -123,6 +129,8 @@ class TorchWatcher:
         self._removed = False
         self._setup_buffers()
         self._attach(model, optimizer)
+        # A watcher dropped without remove() takes its hooks with it when collected.
+        weakref.finalize(self, _remove_handles, self._handles)
 
     # -- model structure ---------------------------------------------------------------------
 
@@ -596,9 +604,7 @@ class TorchWatcher:
         """
         if not self._removed:
             self._removed = True
-            for handle in self._handles:
-                handle.remove()
-            self._handles = []
+            _remove_handles(self._handles)
             self._params = []
             self._w0 = []
             self._snapshot = None

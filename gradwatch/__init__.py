@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import torch  # noqa: E402  (the module imports torch only inside watch())
 from ._context import RunContext
 from ._detectors import (
+    DeadUnitsDetector,
     Detector,
     ExplodingGradientDetector,
     LossDivergenceDetector,
     LossPlateauDetector,
     NonFiniteDetector,
     SaturationDetector,
-    DeadUnitsDetector,
     UpdateRatioDetector,
     VanishingGradientDetector,
     default_detectors,
@@ -42,7 +43,6 @@ from ._manager import adapter_names, get_plugin_manager
 from ._monitor import Monitor
 from ._report import LayerRow, Report
 from ._stats import ActivationStats, LayerInfo, ModelInfo, StepStats, make_step_stats
-from . import torch  # noqa: E402  (the module imports torch only inside watch())
 
 __version__ = "0.1.0"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import math
+import numbers
 
 import numpy as np
 
@@ -89,15 +90,15 @@ class VanishingGradientDetector(Detector):
     def reset(self) -> None:
         self._sustained = _Sustained()
 
-    def update(self, stats: StepStats) -> list[Finding]:
+    def update(self, stats: StepStats) -> list[Finding] | None:
         norms = _window_median(stats.grad_norm, stats.has_grad)
         ok = np.isfinite(norms)
         if ok.sum() < 2:
-            return []
+            return None  # nothing to compare: earlier conditions stay as they were
         top = int(np.nanargmax(np.where(ok, norms, -np.inf)))
         best = norms[top]
         if not best > 0:
-            return []
+            return None
         rel = norms / best
         starved = ok & (norms < self.abs_threshold) & (rel < self.rel_threshold)
         counts = self._sustained.update(set(np.flatnonzero(starved).tolist()))
@@ -123,14 +124,24 @@ class VanishingGradientDetector(Detector):
         )]
 
 
+def nanmedian_columns(a: np.ndarray) -> np.ndarray:
+    """Column medians ignoring NaN (NaN where a column has none); numpy's nanmedian takes a slow
+    masked-array path for small arrays, and this runs on every check."""
+    if a.shape[0] == 1:
+        return a[0].astype(float)
+    counts = np.sum(~np.isnan(a), axis=0)
+    s = np.sort(a, axis=0)  # NaN sorts last
+    cols = np.arange(a.shape[1])
+    lo = np.maximum((counts - 1) // 2, 0)
+    hi = np.maximum(counts // 2, 0)
+    hi = np.where(counts % 2 == 1, lo, hi)
+    med = s[lo, cols] / 2 + s[hi, cols] / 2  # no overflow near the float max
+    return np.where(counts > 0, med, np.nan)
+
+
 def _window_median(grad_norm: np.ndarray, has_grad: np.ndarray) -> np.ndarray:
     """Per-layer median over the window's steps, ignoring steps without a (finite) gradient."""
-    g = np.where(has_grad & np.isfinite(grad_norm), grad_norm, np.nan)
-    out = np.full(g.shape[1], np.nan)
-    seen = ~np.all(np.isnan(g), axis=0)
-    if seen.any():
-        out[seen] = np.nanmedian(g[:, seen], axis=0)
-    return out
+    return nanmedian_columns(np.where(has_grad & np.isfinite(grad_norm), grad_norm, np.nan))
 
 
 class ExplodingGradientDetector(Detector):
@@ -139,7 +150,8 @@ class ExplodingGradientDetector(Detector):
     Three tests, any of which raises a finding for a layer:
 
     * sudden: the norm at a step exceeds ``spike_factor`` times the median of the layer's last
-      ``window`` finite norms (needs ``min_history`` of them first);
+      ``window`` finite norms before this check (needs ``min_history`` of them first; the
+      reference excludes the current check's own steps, so a rise cannot raise its own bar);
     * huge: the norm exceeds ``abs_threshold``;
     * depth ratio: the first layer's norm exceeds ``depth_ratio`` times the last layer's for
       ``patience`` consecutive checks (gradients grow as they flow back).
@@ -174,27 +186,32 @@ class ExplodingGradientDetector(Detector):
 
     def update(self, stats: StepStats) -> list[Finding]:
         hits: dict[int, tuple[int, float, float, str]] = {}  # layer -> (step, value, thr, why)
+        # The reference is the history before this window: a sustained rise inside the window
+        # cannot hide itself by raising its own median.
+        ref = np.full(len(stats.layers), np.nan)
+        counts = np.zeros(len(stats.layers), dtype=int)
+        if self._history:
+            hist = np.array(self._history)
+            counts = np.sum(np.isfinite(hist), axis=0)
+            ref = nanmedian_columns(hist)
+        enough = (counts >= self.min_history) & (ref > 0)
+        g_all = np.where(stats.has_grad, stats.grad_norm, np.nan)
         for row in range(len(stats.steps)):
-            g = np.where(stats.has_grad[row], stats.grad_norm[row], np.nan)
+            g = g_all[row]
             finite = np.isfinite(g)
-            if self._history:
-                hist = np.array(self._history)
-                counts = np.sum(np.isfinite(hist), axis=0)
-                ref = np.full(g.shape, np.nan)
-                enough = counts >= self.min_history
-                if enough.any():
-                    ref[enough] = np.nanmedian(hist[:, enough], axis=0)
-                with np.errstate(invalid="ignore"):
-                    spikes = finite & enough & (g > self.spike_factor * ref) & (ref > 0)
-                for i in np.flatnonzero(spikes):
-                    hits.setdefault(i, (int(stats.steps[row]), g[i], self.spike_factor * ref[i],
-                                        f"{_fmt(g[i])} is {_fmt(g[i] / ref[i])}x its median of "
-                                        f"the last {int(counts[i])} steps ({_fmt(ref[i])})"))
-            for i in np.flatnonzero(finite & (g > self.abs_threshold)):
+            with np.errstate(invalid="ignore"):
+                spikes = finite & enough & (g > self.spike_factor * ref)
+                huge = finite & (g > self.abs_threshold)
+            for i in np.flatnonzero(spikes):
+                hits.setdefault(i, (int(stats.steps[row]), g[i], self.spike_factor * ref[i],
+                                    f"{_fmt(g[i])} is {_fmt(g[i] / ref[i])}x its median of "
+                                    f"the last {int(counts[i])} steps ({_fmt(ref[i])})"))
+            for i in np.flatnonzero(huge):
                 hits.setdefault(i, (int(stats.steps[row]), g[i], self.abs_threshold,
                                     f"{_fmt(g[i])} is above the absolute limit "
                                     f"{_fmt(self.abs_threshold)}"))
-            self._history.append(np.where(finite, g, np.nan))
+        for row in g_all:
+            self._history.append(np.where(np.isfinite(row), row, np.nan))
         # Depth ratio at the check step, over layers that got a finite gradient.
         g = np.where(stats.last_has_grad, stats.last_grad_norm, np.nan)
         idx = np.flatnonzero(np.isfinite(g))
@@ -273,7 +290,8 @@ class NonFiniteDetector(Detector):
         if weights is not None:
             idx = int(np.flatnonzero(weights > 0)[0])
             layer, value = stats.layers[idx], float(weights[idx])
-            where = f"the weights of layer {ctx.describe(idx)} hold {int(value)} non-finite values"
+            where = (f"the weights of layer {ctx.describe(idx)} are non-finite ({int(value)} "
+                     f"parameter tensor{'s' if value != 1 else ''} hold NaN/Inf)")
         elif n_bad and (n_bad < n_with or not loss_bad):
             idx = int(np.flatnonzero(bad)[-1])
             layer, value = stats.layers[idx], float(stats.grad_norm[row][idx])
@@ -324,7 +342,7 @@ class LossPlateauDetector(Detector):
         self.patience = v.positive_int("patience", patience)
         if self.patience < self.window:
             raise ValueError(f"patience ({patience}) must be >= window ({window})")
-        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not (
+        if isinstance(min_delta, bool) or not isinstance(min_delta, numbers.Real) or not (
                 math.isfinite(min_delta) and min_delta >= 0):
             raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
         self.min_delta = float(min_delta)
@@ -387,10 +405,11 @@ class LossPlateauDetector(Detector):
 class LossDivergenceDetector(Detector):
     """The loss jumped far above its recent values, or rose above where training started.
 
-    * jump: the mean of the last ``spike_steps`` losses exceeds ``spike_factor`` times the
-      median of the ``window`` losses before them (after ``min_history``), and exceeds the
-      starting loss. One bad minibatch is noise; ``spike_steps`` in a row is a divergence;
-    * rise: the mean of the last ``min_history`` losses exceeds ``rise_factor`` times the mean
+    * jump: the median of the last ``spike_steps`` losses exceeds ``spike_factor`` times the
+      median of the (up to ``window``) losses before them — at least ``min_history`` of them —
+      and exceeds the starting loss. Medians make one bad minibatch noise: a jump must hold for
+      most of ``spike_steps`` steps;
+    * rise: the median of the last ``min_history`` losses exceeds ``rise_factor`` times the mean
       of the first ``min_history`` (the untrained model's loss): training made the model worse.
 
     Both are tied to the starting loss so that a converged loss of 1e-3 jumping to 1e-2 is not
@@ -419,9 +438,9 @@ class LossDivergenceDetector(Detector):
         self.reset()
 
     def reset(self) -> None:
-        self._history: collections.deque[float] = collections.deque(maxlen=self.window)
-        self._recent: collections.deque[float] = collections.deque(
-            maxlen=max(self.spike_steps, self.min_history))
+        # The last spike_steps losses are the candidate jump; the window before them the reference.
+        self._losses: collections.deque[float] = collections.deque(
+            maxlen=self.window + max(self.spike_steps, self.min_history))
         self._start: list[float] = []
 
     def update(self, stats: StepStats) -> list[Finding] | None:
@@ -432,27 +451,9 @@ class LossDivergenceDetector(Detector):
         for step, loss in losses:
             if len(self._start) < self.min_history:
                 self._start.append(loss)
-            self._recent.append(loss)
-            ready = len(self._history) >= self.min_history and len(self._start) >= self.min_history
-            if hit is None and ready:
-                start = float(np.mean(self._start))
-                med = float(np.median(self._history))
-                recent = list(self._recent)
-                jump = float(np.mean(recent[-self.spike_steps:]))
-                rise = float(np.mean(recent[-self.min_history:]))
-                if (len(recent) >= self.spike_steps and med > 0 and jump > self.spike_factor * med
-                        and jump > start):
-                    hit = (step, jump, self.spike_factor * med,
-                           f"the mean loss of the last {self.spike_steps} steps ({jump:.4g}) is "
-                           f"{jump / med:.3g}x the median of the {len(self._history)} steps "
-                           f"before ({med:.4g})")
-                elif start > 0 and rise > self.rise_factor * start:
-                    hit = (step, rise, self.rise_factor * start,
-                           f"the mean loss of the last {self.min_history} steps ({rise:.4g}) is "
-                           f"{rise / start:.3g}x the starting loss ({start:.4g})")
-            if len(self._recent) > self.spike_steps:
-                # Only losses older than the jump window form the reference history.
-                self._history.append(list(self._recent)[-self.spike_steps - 1])
+            self._losses.append(loss)
+            if hit is None and len(self._start) >= self.min_history:
+                hit = self._judge(step)
         if hit is None:
             return []
         step, value, threshold, why = hit
@@ -460,6 +461,25 @@ class LossDivergenceDetector(Detector):
                         threshold=threshold, message=f"step {step}: {why}.",
                         advice=_advice.divergence(self.context),
                         evidence={"start": float(np.mean(self._start))})]
+
+    def _judge(self, step: int) -> tuple[int, float, float, str] | None:
+        start = float(np.mean(self._start))
+        losses = list(self._losses)
+        recent, before = losses[-self.spike_steps:], losses[:-self.spike_steps][-self.window:]
+        if len(recent) == self.spike_steps and len(before) >= self.min_history:
+            jump, ref = float(np.median(recent)), float(np.median(before))
+            if ref > 0 and jump > self.spike_factor * ref and jump > start:
+                return (step, jump, self.spike_factor * ref,
+                        f"the median loss of the last {self.spike_steps} steps ({jump:.4g}) is "
+                        f"{jump / ref:.3g}x the median of the {len(before)} steps before "
+                        f"({ref:.4g})")
+        if len(losses) >= self.min_history and start > 0:
+            rise = float(np.median(losses[-self.min_history:]))
+            if rise > self.rise_factor * start:
+                return (step, rise, self.rise_factor * start,
+                        f"the median loss of the last {self.min_history} steps ({rise:.4g}) is "
+                        f"{rise / start:.3g}x the starting loss ({start:.4g})")
+        return None
 
 
 class UpdateRatioDetector(Detector):
@@ -497,12 +517,15 @@ class UpdateRatioDetector(Detector):
         self._large = _Sustained()
 
     def update(self, stats: StepStats) -> list[Finding] | None:
-        if stats.update_ratio is None or stats.weight_norm is None:
+        if stats.update_ratio is None:
             return None
         r = stats.update_ratio
         ok = stats.last_has_grad & np.isfinite(r)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            g_to_w = stats.last_grad_norm / stats.weight_norm
+        with np.errstate(all="ignore"):
+            # Without weight norms the stall test cannot tell a tiny step from a converged
+            # model, so only large updates are judged.
+            g_to_w = (stats.last_grad_norm / stats.weight_norm if stats.weight_norm is not None
+                      else np.zeros_like(r))
         stalled = ok & (r < self.stall_threshold) & (g_to_w >= self.min_grad_to_weight)
         large = ok & (r > self.large_threshold)
         out = []

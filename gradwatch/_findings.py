@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -113,8 +114,9 @@ class Finding:
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str) or not self.kind:
             raise TypeError(f"Finding.kind must be a non-empty str, got {self.kind!r}")
-        if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0:
+        if isinstance(self.step, bool) or not isinstance(self.step, numbers.Integral) or self.step < 0:
             raise TypeError(f"Finding.step must be an int >= 0, got {self.step!r}")
+        object.__setattr__(self, "step", int(self.step))
         if self.layer is not None and not isinstance(self.layer, str):
             raise TypeError(f"Finding.layer must be a str or None, got {self.layer!r}")
         object.__setattr__(self, "value", float(self.value))

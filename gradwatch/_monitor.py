@@ -90,6 +90,9 @@ class Monitor:
         if detectors is None:
             detectors = [d for group in self._call("gradwatch_default_detectors") for d in group]
         else:
+            if isinstance(detectors, Detector) or not isinstance(detectors, (list, tuple)):
+                raise TypeError(f"detectors must be a list of gradwatch.Detector instances, got "
+                                f"{type(detectors).__name__}")
             detectors = list(detectors)
             for i, d in enumerate(detectors):
                 if not isinstance(d, Detector):
@@ -113,6 +116,7 @@ class Monitor:
         self.findings = []
         self._active: dict[int, dict[tuple[str, str | None], Finding]] = {}
         self._last_start: dict[tuple[str, str | None], int] = {}
+        self._silent: set[tuple[str, str | None]] = set()
         self._aggregate = LayerAggregate(len(self.context.layers))
         self._steps = 0
         self._checks = 0
@@ -157,39 +161,48 @@ class Monitor:
         results = []
         for det in self.detectors:
             try:
-                result = det.update(stats)
+                with np.errstate(all="ignore"):  # extreme inputs are data, not warnings
+                    result = det.update(stats)
             except Exception as exc:
                 self.internal_error(f"detector {type(det).__name__}", exc)
                 continue
             if result is not None:
                 results.append((det, result))
-        started: list[Finding] = []
+        started: list[tuple[int, Finding]] = []
         cleared: list[Finding] = []
         for det, result in results:
             self._transition(det, result, started, cleared)
         # Once values are NaN/Inf every other statistic is a consequence, not news.
         bad_since = min((f.step for d in self._active.values() for f in d.values()
                          if f.kind == "nonfinite"), default=None)
-        started.sort(key=lambda f: f.step)
+        started.sort(key=lambda item: item[1].step)
         emitted = []
-        for f in started:
+        for det_id, f in started:
+            key = (f.kind, f.layer)
             if bad_since is not None and f.kind != "nonfinite" and f.step >= bad_since:
+                # Not active: if it still holds once the values are finite again, it is news.
+                del self._active[det_id][key]
                 self._suppressed += 1
                 continue
-            last = self._last_start.get((f.kind, f.layer))
-            self._last_start[(f.kind, f.layer)] = f.step
+            last = self._last_start.get(key)
+            self._last_start[key] = f.step
             if last is not None and f.step - last < self.repeat_after:
+                self._silent.add(key)  # active, but neither its start nor its clear is told
                 self._suppressed += 1
                 continue
             self.findings.append(f)
             emitted.append(f)
             self._call("gradwatch_finding", monitor=self, finding=f)
         for f in cleared:
+            key = (f.kind, f.layer)
+            if key in self._silent:
+                self._silent.discard(key)
+                continue
             self._call("gradwatch_finding_cleared", monitor=self, finding=f, step=stats.step)
         return emitted
 
-    def _transition(self, det: Detector, result: list[Finding], started: list[Finding],
-                    cleared: list[Finding]) -> None:
+    def _transition(self, det: Detector, result: list[Finding],
+                    started: list[tuple[int, Finding]], cleared: list[Finding]) -> None:
         before = self._active.get(id(det), {})
         now: dict[tuple[str, str | None], Finding] = {}
         for f in result:
@@ -198,7 +211,7 @@ class Monitor:
                 now[key] = before[key]
             elif key not in now:
                 now[key] = f
-                started.append(f)
+                started.append((id(det), f))
         cleared.extend(f for key, f in before.items() if key not in now)
         self._active[id(det)] = now
 

@@ -86,7 +86,7 @@ class StepStats:
     grad_size: np.ndarray
     #: Max |g| per layer at the check step ``[L]``.
     grad_max: np.ndarray | None = None
-    #: Count of NaN/Inf gradient elements per layer at the check step ``[L]``.
+    #: Number of the layer's gradient tensors holding NaN/Inf at the check step ``[L]``.
     grad_nonfinite: np.ndarray | None = None
     #: Which steps had a loss observed ``[S]``; ``None`` means "wherever ``loss`` is not NaN".
     #: Adapters set it, so that a NaN loss is told apart from no loss at all.
@@ -95,7 +95,7 @@ class StepStats:
     grad_zero_fraction: np.ndarray | None = None
     #: Weight L2 norm per layer after the check step ``[L]``.
     weight_norm: np.ndarray | None = None
-    #: Count of NaN/Inf weight elements per layer ``[L]``.
+    #: Number of the layer's parameter tensors holding NaN/Inf ``[L]``.
     weight_nonfinite: np.ndarray | None = None
     #: ||W_after - W_before|| / ||W_before|| for the check step, per layer ``[L]``.
     update_ratio: np.ndarray | None = None

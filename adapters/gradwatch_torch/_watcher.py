@@ -230,7 +230,8 @@ class TorchWatcher:
         self._loss_count = 0
         self._step = 0  # completed optimizer steps
         self._cb_queued = False
-        self._index_cache: tuple[list[int], torch.Tensor] | None = None
+        self._index_cache: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
+        self._zero = torch.zeros((), **f32)
         self._full_index = torch.tensor(self._param_layer, dtype=torch.long, device=self._device)
         self._check_extra: torch.Tensor | None = None  # grad max / nonfinite / zero fraction
         self._bwd_total: torch.Tensor | None = None
@@ -315,14 +316,19 @@ class TorchWatcher:
 
     # -- per-step work -----------------------------------------------------------------------
 
-    def _layer_index(self, present: list[int]) -> torch.Tensor:
+    def _layer_index(self, present: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer index of each present parameter, and each layer's element count (cached: the
+        set of parameters with gradients rarely changes)."""
         cache = self._index_cache
         if cache is not None and cache[0] == present:
-            return cache[1]
+            return cache[1], cache[2]
         idx = torch.tensor([self._param_layer[i] for i in present], dtype=torch.long,
                            device=self._device)
-        self._index_cache = (present, idx)
-        return idx
+        sizes = torch.zeros(len(self._layers), device=self._device).index_add_(
+            0, idx, torch.tensor([float(self._params[i].numel()) for i in present],
+                                 device=self._device))
+        self._index_cache = (present, idx, sizes)
+        return idx, sizes
 
     def _record_backward(self) -> None:
         present = [i for i, p in enumerate(self._params) if p.grad is not None]
@@ -337,37 +343,37 @@ class TorchWatcher:
             return
         mask[[self._param_layer[i] for i in present]] = True
         grads = [self._params[i].grad for i in present]
-        idx = self._layer_index(present)
+        idx, sizes = self._layer_index(present)
         with torch.no_grad():
-            norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).to(self._device)
-            sq = torch.zeros(n_layers, dtype=torch.float32, device=self._device)
-            sq.index_add_(0, idx, norms * norms)
-            layer_norm = sq.sqrt()
-            layer_norm[torch.from_numpy(~mask).to(self._device)] = math.nan
-            self._hist[slot].copy_(layer_norm)
+            # Layers without a gradient read 0 here; the host-side mask marks them.
+            norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+            if norms.device != self._device:
+                norms = norms.to(self._device)
+            sq = self._hist[slot].zero_().index_add_(0, idx, norms * norms)
             if self.monitor.is_check_step(self._step + 1):
                 self._bwd_total = sq.sum().sqrt()
-                self._check_extra = self._grad_extras(grads, idx, norms)
+                self._check_extra = self._grad_extras(grads, idx, sizes, norms)
+            sq.sqrt_()
         self._has_grad[slot] = mask
         if self._opt_ref is None:
             scaler = self._scaler_ref() if self._scaler_ref is not None else None
             self._unscale(slot, scaler)
             self._commit()
 
-    def _grad_extras(self, grads: list[torch.Tensor], idx: torch.Tensor,
+    def _grad_extras(self, grads: list[torch.Tensor], idx: torch.Tensor, sizes: torch.Tensor,
                      norms: torch.Tensor) -> torch.Tensor:
+        """Check-step gradient statistics per layer: max |g|, tensors holding NaN/Inf, and the
+        fraction of exactly-zero entries (L0 "norm" counts the non-zeros)."""
         n_layers = len(self._layers)
         dev = self._device
         gmax = torch.stack(torch._foreach_norm(grads, math.inf, dtype=torch.float32)).to(dev)
         nnz = torch.stack(torch._foreach_norm(grads, 0, dtype=torch.float32)).to(dev)
-        layer_max = torch.full((n_layers,), math.nan, device=dev).scatter_reduce(
-            0, idx, gmax, reduce="amax", include_self=False)
-        bad = torch.zeros(n_layers, device=dev).index_add_(0, idx, (~torch.isfinite(norms)).float())
-        zeros = torch.zeros(n_layers, device=dev).index_add_(0, idx, nnz)
-        size = torch.zeros(n_layers, device=dev).index_add_(
-            0, idx, torch.tensor([float(g.numel()) for g in grads], device=dev))
-        zero_frac = 1 - zeros / size.clamp_min(1)
-        return torch.stack([layer_max, bad, zero_frac])
+        out = torch.zeros(3, n_layers, device=dev)
+        out[0].scatter_reduce_(0, idx, gmax, reduce="amax", include_self=False)
+        out[1].index_add_(0, idx, (~torch.isfinite(norms)).float())
+        out[2].index_add_(0, idx, nnz)
+        out[2] = 1 - out[2] / sizes.clamp_min(1)
+        return out
 
     def _unscale(self, slot: int, scaler: Any) -> None:
         scale = getattr(scaler, "_scale", None) if scaler is not None else None
@@ -444,7 +450,7 @@ class TorchWatcher:
         else:
             self._loss_hist[slot] = math.nan
             self._has_loss[slot] = False
-        self._loss_acc = torch.zeros((), dtype=torch.float32, device=self._device)
+        self._loss_acc = self._zero  # observe_loss never writes in place
         self._loss_count = 0
         self._window_steps.append(self._step)
         self.monitor.note_steps(self._step)
@@ -549,9 +555,10 @@ class TorchWatcher:
                 activations[name] = ActivationStats(kind=kind, saturated_fraction=float(value),
                                                     units=units)
         no_params = not self._params
+        has_grad = self._has_grad[slots].copy()
         return StepStats(
             step=self._step, layers=tuple(layer.name for layer in self._layers), steps=steps,
-            grad_norm=hist[slots], has_grad=self._has_grad[slots].copy(), loss=loss[slots],
+            grad_norm=np.where(has_grad, hist[slots], np.nan), has_grad=has_grad, loss=loss[slots],
             has_loss=self._has_loss[slots].copy(), grad_size=self._grad_size,
             grad_max=gmax, grad_nonfinite=gbad, grad_zero_fraction=gzero,
             weight_norm=None if no_params else wnorm, weight_nonfinite=None if no_params else wbad,

@@ -7,10 +7,10 @@ import warnings
 import pytest
 
 torch = pytest.importorskip("torch")
+from gradwatch_torch.demo import moons  # noqa: E402
 from torch import nn  # noqa: E402
 
 import gradwatch  # noqa: E402
-from gradwatch_torch.demo import moons  # noqa: E402
 
 
 def mlp(depth: int, width: int = 32, act: type[nn.Module] = nn.ReLU, init: str | None = None,

@@ -258,7 +258,7 @@ def test_warnings_point_at_the_users_line():
     model = mlp(2)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     _inject_nan(model[0], at_backward=1)
-    with gradwatch.torch.watch(model, optimizer=opt, check_every=1) as w:
+    with gradwatch.torch.watch(model, optimizer=opt, check_every=1):
         model(torch.randn(4, 2)).sum().backward()
         with pytest.warns(gradwatch.NonFiniteWarning) as rec:
             opt.step()

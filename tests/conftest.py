@@ -1,0 +1,60 @@
+"""Framework-free helpers shared by the core tests: a scripted detector, a context, statistics."""
+
+from __future__ import annotations
+
+import pytest
+
+import gradwatch
+
+#: Layer names of the toy model every core test watches, input side first.
+LAYERS = ("0", "1", "2")
+
+
+class ScriptedDetector(gradwatch.Detector):
+    """Returns, at each check, the next entry of its script (a list of findings, or None)."""
+
+    kinds = ("vanishing_gradient", "exploding_gradient", "loss_divergence")
+
+    def __init__(self, script) -> None:
+        super().__init__()
+        self.script = list(script)
+
+    def update(self, stats):
+        return self.script.pop(0) if self.script else []
+
+
+@pytest.fixture
+def context() -> gradwatch.RunContext:
+    return gradwatch.RunContext(
+        model=gradwatch.ModelInfo(framework="test", activations=frozenset({"sigmoid"}), depth=3,
+                                  learning_rates=(0.1,)),
+        layers=tuple(gradwatch.LayerInfo(name=n, type="Linear", num_params=10) for n in LAYERS),
+    )
+
+
+@pytest.fixture
+def scripted():
+    """``scripted([f1], None, [])``: a detector answering each check with the next entry."""
+    return lambda *checks: ScriptedDetector(checks)
+
+
+@pytest.fixture
+def finding():
+    def make(step, kind="vanishing_gradient", layer="0", **kw):
+        kw.setdefault("value", 1e-7)
+        kw.setdefault("threshold", 1e-4)
+        kw.setdefault("message", f"step {step}: {kind} in layer {layer!r}")
+        return gradwatch.Finding(kind=kind, step=step, layer=layer, **kw)
+
+    return make
+
+
+@pytest.fixture
+def stats():
+    """``stats(step)``: real single-step statistics for the toy model (healthy by default)."""
+
+    def make(step, grad_norm=(1.0, 1.0, 1.0), **kw):
+        kw.setdefault("loss", 1.0)
+        return gradwatch.make_step_stats(step, LAYERS, grad_norm, **kw)
+
+    return make

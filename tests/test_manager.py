@@ -1,0 +1,224 @@
+"""The plugin manager: built-in plugins, entry-point discovery (and its off switch), plugins that
+fail to load, third-party detectors and adapters, and an import that pulls in no framework."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+import gradwatch
+from gradwatch import _manager
+
+
+@pytest.fixture(autouse=True)
+def fresh_manager():
+    # The manager is process-wide and loads once: start each test from scratch and leave a
+    # fresh one behind, so fake plugins never leak into other tests.
+    _manager.reset_plugin_manager()
+    yield
+    _manager.reset_plugin_manager()
+
+
+def entry_point(name, value):
+    return importlib.metadata.EntryPoint(name=name, value=value, group=_manager.ENTRY_POINT_GROUP)
+
+
+@pytest.fixture
+def installed(monkeypatch):
+    """``installed(ep, ...)``: pretend these are the installed entry points."""
+    real = importlib.metadata.entry_points
+
+    def install(*eps):
+        def entry_points(**kwargs):
+            if kwargs.get("group") == _manager.ENTRY_POINT_GROUP:
+                return list(eps)
+            return real(**kwargs)
+
+        monkeypatch.setattr(_manager.importlib.metadata, "entry_points", entry_points)
+
+    return install
+
+
+@pytest.fixture
+def plugin_module(monkeypatch):
+    """``plugin_module(name, hook=function, ...)``: an importable module of hook implementations."""
+
+    def make(name, **hooks):
+        module = types.ModuleType(name)
+        for hook, function in hooks.items():
+            setattr(module, hook, gradwatch.hookimpl(function))
+        monkeypatch.setitem(sys.modules, name, module)
+        return module
+
+    return make
+
+
+class LearningRateDetector(gradwatch.Detector):
+    """A third party's detector with its own kind."""
+
+    kinds = ("lr_too_high",)
+
+    def update(self, stats):
+        return [gradwatch.Finding(kind="lr_too_high", step=stats.step, layer=None, value=1.0,
+                                  threshold=0.5, message=f"step {stats.step}: lr too high")]
+
+
+class JaxModel:
+    pass
+
+
+def claim_jax(model, options):
+    return ("jax-watcher", model, options) if isinstance(model, JaxModel) else None
+
+
+# -- built-ins --------------------------------------------------------------------------------
+
+
+def test_builtin_plugins_are_registered():
+    pm = gradwatch.get_plugin_manager()
+    assert pm is gradwatch.get_plugin_manager()  # loaded once
+    assert pm.get_plugin("builtin") is not None and pm.get_plugin("torch") is not None
+    assert "torch" in gradwatch.adapter_names()
+    groups = pm.hook.gradwatch_default_detectors()
+    assert [type(d) for group in groups for d in group] == [
+        type(d) for d in gradwatch.default_detectors()]
+
+
+def test_a_monitor_without_detectors_runs_the_builtin_ones(context):
+    mon = gradwatch.Monitor(context, on_finding="log")
+    assert [type(d) for d in mon.detectors] == [type(d) for d in gradwatch.default_detectors()]
+
+
+# -- entry points -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env, loaded",
+    [
+        pytest.param("1", False, id="disabled"),
+        pytest.param(None, True, id="unset"),
+        pytest.param("", True, id="empty-means-unset"),
+    ],
+)
+def test_autoload_env_var_skips_third_party_entry_points(
+        monkeypatch, installed, plugin_module, env, loaded):
+    if env is None:
+        monkeypatch.delenv(_manager.DISABLE_AUTOLOAD_ENV, raising=False)
+    else:
+        monkeypatch.setenv(_manager.DISABLE_AUTOLOAD_ENV, env)
+    plugin_module("gw_test_jax", gradwatch_claim_model=claim_jax)
+    installed(entry_point("jax", "gw_test_jax"))
+
+    pm = gradwatch.get_plugin_manager()
+    assert (pm.get_plugin("jax") is not None) is loaded
+    assert ("jax" in gradwatch.adapter_names()) is loaded
+    # Built-ins are not entry points to skip: they are always there.
+    assert pm.get_plugin("builtin") is not None and "torch" in gradwatch.adapter_names()
+
+
+def test_the_builtin_adapters_own_entry_point_is_not_loaded_twice(installed):
+    installed(entry_point("torch", "gradwatch_torch.plugin"))
+    assert gradwatch.adapter_names().count("torch") == 1
+    assert _manager.failed_plugins == {}
+
+
+def _missing_module(tmp_path, monkeypatch):
+    return "gw_test_not_installed", "ModuleNotFoundError"
+
+
+def _module_that_raises(tmp_path, monkeypatch):
+    (tmp_path / "gw_test_needs_cuda.py").write_text("raise RuntimeError('needs CUDA')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "gw_test_needs_cuda", "needs CUDA"
+
+
+def _missing_attribute(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gw_test_empty", types.ModuleType("gw_test_empty"))
+    return "gw_test_empty:plugin", "AttributeError"
+
+
+@pytest.mark.parametrize("broken", [
+    pytest.param(_missing_module, id="missing-module"),
+    pytest.param(_module_that_raises, id="module-raises-on-import"),
+    pytest.param(_missing_attribute, id="missing-attribute"),
+])
+def test_a_plugin_that_fails_to_load_is_reported_by_name_and_the_rest_works(
+        monkeypatch, installed, plugin_module, tmp_path, caplog, context, stats, broken):
+    monkeypatch.delenv(_manager.DISABLE_AUTOLOAD_ENV, raising=False)
+    value, error = broken(tmp_path, monkeypatch)
+    plugin_module("gw_test_jax", gradwatch_claim_model=claim_jax)
+    installed(entry_point("broken", value), entry_point("jax", "gw_test_jax"))
+
+    with pytest.warns(gradwatch.GradWatchInternalWarning, match="'broken'") as record:
+        pm = gradwatch.get_plugin_manager()
+    assert error in str(record[0].message)
+    assert list(_manager.failed_plugins) == ["broken"]
+    assert error in _manager.failed_plugins["broken"]
+    assert any("'broken'" in r.getMessage() for r in caplog.records
+               if r.name == "gradwatch" and r.levelno == logging.ERROR)
+
+    assert pm.get_plugin("jax") is not None
+    assert set(gradwatch.adapter_names()) >= {"jax", "torch"}
+    model = JaxModel()
+    assert gradwatch.watch(model)[1] is model
+    mon = gradwatch.Monitor(context, on_finding="log")
+    mon.check(stats(10))
+    assert mon.report().internal_errors == ()
+
+
+def test_a_third_party_detector_plugin_joins_the_default_detectors(
+        monkeypatch, installed, plugin_module, context, stats):
+    monkeypatch.delenv(_manager.DISABLE_AUTOLOAD_ENV, raising=False)
+    plugin_module("gw_test_lr", gradwatch_default_detectors=lambda: [LearningRateDetector()])
+    installed(entry_point("lr", "gw_test_lr"))
+
+    mon = gradwatch.Monitor(context, on_finding="log")
+    kinds = [type(d) for d in mon.detectors]
+    assert LearningRateDetector in kinds
+    assert set(kinds) >= {type(d) for d in gradwatch.default_detectors()}
+    mon.check(stats(10))
+    assert [(f.kind, f.step) for f in mon.findings] == [("lr_too_high", 10)]
+    assert mon.findings[0].category is gradwatch.GradientHealthWarning
+
+
+def test_watch_dispatches_to_the_adapter_that_claims_the_model(
+        monkeypatch, installed, plugin_module):
+    monkeypatch.delenv(_manager.DISABLE_AUTOLOAD_ENV, raising=False)
+    plugin_module("gw_test_jax", gradwatch_claim_model=claim_jax)
+    installed(entry_point("jax", "gw_test_jax"))
+    model = JaxModel()
+    assert gradwatch.watch(model, check_every=5) == ("jax-watcher", model, {"check_every": 5})
+
+
+def test_watch_of_an_unknown_object_lists_the_installed_adapters():
+    with pytest.raises(TypeError, match=r"builtins\.object.*installed adapters: .*torch"):
+        gradwatch.watch(object())
+
+
+# -- no framework at import -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("action", [
+    pytest.param("pass", id="import"),
+    pytest.param("gradwatch.get_plugin_manager()", id="plugin-loading"),
+    pytest.param("try:\n    gradwatch.watch(object())\nexcept TypeError:\n    pass",
+                 id="watch-unknown-object"),
+])
+def test_gradwatch_imports_no_framework(action):
+    code = "\n".join([
+        "import sys",
+        "import gradwatch",
+        action,
+        "loaded = [m for m in ('torch', 'tensorflow', 'keras', 'jax') if m in sys.modules]",
+        "assert not loaded, loaded",
+    ])
+    env = {k: v for k, v in os.environ.items() if k != _manager.DISABLE_AUTOLOAD_ENV}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr

@@ -124,7 +124,13 @@ class Monitor:
         self._loss_first = math.nan
         self._loss_last = math.nan
         self._ended = False
-        self._call("gradwatch_run_start", monitor=self)
+        self._started = False
+
+    def start(self) -> None:
+        """The run begins: sinks hear ``gradwatch_run_start`` (once per run)."""
+        if not self._started:
+            self._started = True
+            self._call("gradwatch_run_start", monitor=self)
 
     def set_context(self, context: RunContext) -> None:
         """The adapter's view of the model changed (new layers): rebind and keep going."""
@@ -146,6 +152,7 @@ class Monitor:
 
     def check(self, stats: StepStats) -> list[Finding]:
         """Run every detector on ``stats``; return the findings that started at this check."""
+        self.start()
         self._checks += 1
         self._steps = max(self._steps, int(stats.step))
         try:
@@ -266,6 +273,7 @@ class Monitor:
         """Finish the run: the summary goes to the log and the event file (once)."""
         report = self.report()
         if not self._ended:
+            self.start()
             self._ended = True
             self._call("gradwatch_run_end", monitor=self, report=report)
         return report

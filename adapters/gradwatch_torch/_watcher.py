@@ -129,6 +129,7 @@ class TorchWatcher:
         self._removed = False
         self._setup_buffers()
         self._attach(model, optimizer)
+        self.monitor.start()
         # A watcher dropped without remove() takes its hooks with it when collected.
         weakref.finalize(self, _remove_handles, self._handles)
 
@@ -316,34 +317,33 @@ class TorchWatcher:
 
     # -- per-step work -----------------------------------------------------------------------
 
-    def _layer_index(self, present: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer index of each present parameter, and each layer's element count (cached: the
-        set of parameters with gradients rarely changes)."""
+    def _layer_index(self, present: list[int]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Layer index of each present parameter, each layer's element count, and which layers
+        have a gradient (cached: the set of parameters with gradients rarely changes)."""
         cache = self._index_cache
         if cache is not None and cache[0] == present:
-            return cache[1], cache[2]
-        idx = torch.tensor([self._param_layer[i] for i in present], dtype=torch.long,
-                           device=self._device)
+            return cache[1], cache[2], cache[3]
+        layer_of = [self._param_layer[i] for i in present]
+        idx = torch.tensor(layer_of, dtype=torch.long, device=self._device)
         sizes = torch.zeros(len(self._layers), device=self._device).index_add_(
             0, idx, torch.tensor([float(self._params[i].numel()) for i in present],
                                  device=self._device))
-        self._index_cache = (present, idx, sizes)
-        return idx, sizes
+        mask = np.zeros(len(self._layers), dtype=bool)
+        mask[layer_of] = True
+        self._index_cache = (present, idx, sizes, mask)
+        return idx, sizes, mask
 
     def _record_backward(self) -> None:
         present = [i for i, p in enumerate(self._params) if p.grad is not None]
         slot = self._step % self.monitor.check_every
-        n_layers = len(self._layers)
-        mask = np.zeros(n_layers, dtype=bool)
         if not present:
             self._hist[slot].fill_(math.nan)
-            self._has_grad[slot] = mask
+            self._has_grad[slot] = False
             if self._opt_ref is None:
                 self._commit()
             return
-        mask[[self._param_layer[i] for i in present]] = True
         grads = [self._params[i].grad for i in present]
-        idx, sizes = self._layer_index(present)
+        idx, sizes, mask = self._layer_index(present)
         with torch.no_grad():
             # Layers without a gradient read 0 here; the host-side mask marks them.
             norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))

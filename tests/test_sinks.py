@@ -181,9 +181,10 @@ def test_an_unwritable_event_file_is_reported_once_and_the_rest_works(
         context, scripted, finding, stats, caplog, tmp_path, unwritable):
     caplog.set_level(logging.INFO, logger="gradwatch")
     seen = []
+    mon = gradwatch.Monitor(context, on_finding=seen.append, events=unwritable(tmp_path),
+                            detectors=[scripted([finding(10)], [], [finding(30, layer="1")])])
     with pytest.warns(gradwatch.GradWatchInternalWarning, match="events"):
-        mon = gradwatch.Monitor(context, on_finding=seen.append, events=unwritable(tmp_path),
-                                detectors=[scripted([finding(10)], [], [finding(30, layer="1")])])
+        mon.start()  # the run's first event is the first write
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         started = [mon.check(stats(s)) for s in (10, 20, 30)]

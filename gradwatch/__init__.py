@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import torch  # noqa: E402  (the module imports torch only inside watch())
+from . import keras, torch  # noqa: E402  (neither imports its framework until used)
 from ._context import RunContext
 from ._detectors import (
     DeadUnitsDetector,
@@ -102,6 +102,7 @@ __all__ = [
     "get_plugin_manager",
     "hookimpl",
     "hookspec",
+    "keras",
     "make_step_stats",
     "torch",
     "watch",

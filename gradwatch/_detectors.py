@@ -409,8 +409,9 @@ class LossDivergenceDetector(Detector):
       median of the (up to ``window``) losses before them — at least ``min_history`` of them —
       and exceeds the starting loss. Medians make one bad minibatch noise: a jump must hold for
       most of ``spike_steps`` steps;
-    * rise: the median of the last ``min_history`` losses exceeds ``rise_factor`` times the mean
-      of the first ``min_history`` (the untrained model's loss): training made the model worse.
+    * rise: the median of the last ``min_history`` losses exceeds ``rise_factor`` times the
+      median of the first ``min_history`` (the untrained model's loss): training made the model
+      worse. (Medians, so a run that blows up within its first steps still has a fair start.)
 
     Both are tied to the starting loss so that a converged loss of 1e-3 jumping to 1e-2 is not
     called a divergence. Non-finite losses are :class:`NonFiniteDetector`'s.
@@ -460,10 +461,10 @@ class LossDivergenceDetector(Detector):
         return [Finding(kind="loss_divergence", step=step, layer=None, value=value,
                         threshold=threshold, message=f"step {step}: {why}.",
                         advice=_advice.divergence(self.context),
-                        evidence={"start": float(np.mean(self._start))})]
+                        evidence={"start": float(np.median(self._start))})]
 
     def _judge(self, step: int) -> tuple[int, float, float, str] | None:
-        start = float(np.mean(self._start))
+        start = float(np.median(self._start))
         losses = list(self._losses)
         recent, before = losses[-self.spike_steps:], losses[:-self.spike_steps][-self.window:]
         if len(recent) == self.spike_steps and len(before) >= self.min_history:

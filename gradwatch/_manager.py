@@ -27,6 +27,7 @@ DISABLE_AUTOLOAD_ENV = "GRADWATCH_DISABLE_PLUGIN_AUTOLOAD"
 _BUILTIN_PLUGINS = {
     "builtin": "gradwatch._builtin",
     "torch": "gradwatch_torch.plugin",
+    "keras": "gradwatch_keras.plugin",
 }
 
 _lock = threading.Lock()

@@ -255,7 +255,7 @@ class RefPlateau:
 class RefDivergence:
     """Jump (median of last spike_steps vs median of up to `window` older losses — at least
     min_history of them — and > start) or rise (median of last min_history vs
-    rise_factor * mean of the first min_history), judged once those first losses are in.
+    rise_factor * median of the first min_history), judged once those first losses are in.
     Returns None (no finite loss), False, or (step, value)."""
 
     def __init__(self, spike_factor=10.0, spike_steps=5, window=50, min_history=10,
@@ -276,7 +276,7 @@ class RefDivergence:
             history = self.losses[max(0, n - self.s - self.window):max(0, n - self.s)]
             if hit or n < self.m:
                 continue
-            start = statistics.fmean(self.losses[:self.m])
+            start = statistics.median(self.losses[:self.m])
             rise = statistics.median(self.losses[-self.m:])
             if len(history) >= self.m and n >= self.s:
                 med = statistics.median(history)

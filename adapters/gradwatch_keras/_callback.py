@@ -19,6 +19,7 @@ device-to-host transfer per check.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import threading
 from typing import Any
@@ -34,6 +35,8 @@ from gradwatch._findings import Finding, GradientHealthError
 from gradwatch._monitor import CORE_OPTIONS, Monitor
 from gradwatch._report import Report
 from gradwatch._stats import ActivationStats, LayerInfo, ModelInfo, StepStats
+
+logger = logging.getLogger("gradwatch")
 
 KERAS_OPTIONS = ("update_ratio", "sample_fraction")
 _SAMPLED = {"relu": "relu", "relu6": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
@@ -184,6 +187,11 @@ class GradWatchCallback(keras.callbacks.Callback):
             return
         with self._lock:
             self._guard(self._check)  # the steps since the last check
+        if self._last_host_step and not self.monitor.report().steps and self._vars:
+            logger.warning(
+                "gradwatch saw none of the %d training batches: the model's train_step did not "
+                "call optimizer.apply (a custom train_step?), so no gradient was observed.",
+                self._last_host_step)
         self._uninstall()
         if self.model is not None:
             self.model.train_function = None  # next fit traces without our wrappers
@@ -525,22 +533,21 @@ class GradWatchCallback(keras.callbacks.Callback):
                                  ops.reshape(ops.cast(step, "float32"), (1,)))
         ws = [w for _, w in pairs]
         old = state[lay.extras:lay.extras + 2 * L]
+        sizes = [int(np.prod(self._sample(w).shape)) for w in ws] if self._w0 else []
 
-        def grad_extras():
+        def check_work():
+            # One cond for all check-step work before the update: gradient extras, and the
+            # weight samples the update ratio compares against after it.
             gmax, gbad = self._grad_extras(pairs, segs, sq, scale)
-            return ops.concatenate([gmax, gbad])
+            return ops.concatenate([gmax, gbad] + [self._sample(w) for w in ws if sizes])
 
-        state = ops.slice_update(state, [lay.extras], ops.cond(is_check, grad_extras, lambda: old))
+        def idle():
+            return ops.concatenate([old, ops.zeros((sum(sizes),), "float32")])
+
+        out = ops.cond(is_check, check_work, idle)
+        state = ops.slice_update(state, [lay.extras], out[:2 * L])
         self._state.assign(state)
-        if not self._w0:
-            return is_check, None, ws
-        sizes = [int(np.prod(self._sample(w).shape)) for w in ws]
-
-        def snapshot():
-            return ops.concatenate([self._sample(w) for w in ws])
-
-        flat = ops.cond(is_check, snapshot, lambda: ops.zeros((sum(sizes),), "float32"))
-        return is_check, (flat, sizes), ws
+        return is_check, ((out[2 * L:], sizes) if sizes else None), ws
 
     def _graph_after(self, tv: list[Any], before: Any) -> None:
         is_check, snap, ws = before

@@ -231,6 +231,7 @@ class TorchWatcher:
         self._loss_count = 0
         self._step = 0  # completed optimizer steps
         self._cb_queued = False
+        self._backward_seen = False
         self._index_cache: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
         self._zero = torch.zeros((), **f32)
         self._full_index = torch.tensor(self._param_layer, dtype=torch.long, device=self._device)
@@ -342,6 +343,7 @@ class TorchWatcher:
             if self._opt_ref is None:
                 self._commit()
             return
+        self._backward_seen = True
         grads = [self._params[i].grad for i in present]
         idx, sizes, mask = self._layer_index(present)
         with torch.no_grad():
@@ -443,6 +445,12 @@ class TorchWatcher:
     def _commit(self) -> None:
         """One optimizer step completed: file its loss, then check if it is a check step."""
         slot = self._step % self.monitor.check_every
+        if not self._backward_seen:
+            # An optimizer step with no backward since the last one: no gradient to report
+            # (the slot still holds a value from check_every steps ago).
+            self._hist[slot].fill_(math.nan)
+            self._has_grad[slot] = False
+        self._backward_seen = False
         self._step += 1
         if self._loss_count:
             self._loss_hist[slot] = self._loss_acc / self._loss_count

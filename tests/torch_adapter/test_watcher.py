@@ -68,6 +68,19 @@ def test_accumulated_gradient_is_what_is_measured():
     assert measured == pytest.approx(norms, rel=1e-5)
 
 
+def test_a_step_without_backward_reports_no_gradient():
+    model = mlp(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rec = StatsRecorder()
+    with gradwatch.torch.watch(model, optimizer=opt, check_every=2, plugins=[rec]) as w:
+        loop(model, opt, w, steps=2)
+        opt.step()  # e.g. a scheduler-driven loop that steps without a new backward
+        loop(model, opt, w, steps=1)
+    assert w.step == 4
+    assert not rec.stats[-1].has_grad[0].any()  # step 3: nothing stale from step 1
+    assert rec.stats[-1].has_grad[1].all()
+
+
 def test_without_optimizer_every_backward_is_a_step():
     model = mlp(2)
     rec = StatsRecorder()

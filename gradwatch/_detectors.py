@@ -151,13 +151,17 @@ class ExplodingGradientDetector(Detector):
 
     * sudden: the norm at a step exceeds ``spike_factor`` times the median of the layer's last
       ``window`` finite norms before this check (needs ``min_history`` of them first; the
-      reference excludes the current check's own steps, so a rise cannot raise its own bar);
+      reference excludes the current check's own steps, so a rise cannot raise its own bar),
+      and exceeds ``spike_floor`` — near convergence gradients shrink to ~1e-2, and a return to
+      1 is not an explosion;
     * huge: the norm exceeds ``abs_threshold``;
     * depth ratio: the first layer's norm exceeds ``depth_ratio`` times the last layer's for
       ``patience`` consecutive checks (gradients grow as they flow back).
 
     Args:
         spike_factor: Defaults to ``100``.
+        spike_floor: Gradient L2 norm a spike must also exceed. Defaults to ``1.0`` (the usual
+            clip-norm threshold: gradients below it are what clipping recipes call normal).
         window: History length in steps. Defaults to ``50``.
         min_history: Defaults to ``10``.
         abs_threshold: Gradient L2 norm per layer. Defaults to ``1e3``.
@@ -168,9 +172,11 @@ class ExplodingGradientDetector(Detector):
     kinds = ("exploding_gradient",)
 
     def __init__(self, spike_factor: float = 100.0, window: int = 50, min_history: int = 10,
-                 abs_threshold: float = 1e3, depth_ratio: float = 70.0, patience: int = 3) -> None:
+                 abs_threshold: float = 1e3, depth_ratio: float = 70.0, patience: int = 3,
+                 spike_floor: float = 1.0) -> None:
         super().__init__()
         self.spike_factor = v.greater_than_one("spike_factor", spike_factor)
+        self.spike_floor = v.positive_float("spike_floor", spike_floor)
         self.window = v.positive_int("window", window, minimum=2)
         self.min_history = v.positive_int("min_history", min_history)
         if self.min_history > self.window:
@@ -200,7 +206,7 @@ class ExplodingGradientDetector(Detector):
             g = g_all[row]
             finite = np.isfinite(g)
             with np.errstate(invalid="ignore"):
-                spikes = finite & enough & (g > self.spike_factor * ref)
+                spikes = finite & enough & (g > self.spike_factor * ref) & (g > self.spike_floor)
                 huge = finite & (g > self.abs_threshold)
             for i in np.flatnonzero(spikes):
                 hits.setdefault(i, (int(stats.steps[row]), g[i], self.spike_factor * ref[i],

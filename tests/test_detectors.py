@@ -128,11 +128,12 @@ class RefVanishing:
 
 class RefExploding:
     """Sudden (vs the median of the layer's finite norms over the last `window` steps before this
-    check's window), huge, or depth ratio. Returns {layer index: (step, value)}, first hits."""
+    check's window, and above spike_floor), huge, or depth ratio. Returns {layer index: (step,
+    value)}, first hits."""
 
     def __init__(self, spike_factor=100.0, window=50, min_history=10, abs_threshold=1e3,
-                 depth_ratio=70.0, patience=3):
-        self.spike, self.min_history = spike_factor, min_history
+                 depth_ratio=70.0, patience=3, spike_floor=1.0):
+        self.spike, self.min_history, self.floor = spike_factor, min_history, spike_floor
         self.abs, self.depth, self.patience = abs_threshold, depth_ratio, patience
         self.rows: collections.deque[list[float | None]] = collections.deque(maxlen=window)
         self.deep = 0
@@ -153,7 +154,8 @@ class RefExploding:
                 if not usable(r, j):
                     continue
                 g = float(stats.grad_norm[r, j])
-                if ref[j] is not None and ref[j] > 0 and g > self.spike * ref[j]:
+                if (ref[j] is not None and ref[j] > 0 and g > self.spike * ref[j]
+                        and g > self.floor):
                     hits.setdefault(j, (int(step), g))
                 if g > self.abs:
                     hits.setdefault(j, (int(step), g))
@@ -1391,3 +1393,16 @@ def test_any_stream_gives_well_formed_findings(make, data):
         if isinstance(det, UpdateRatioDetector) and result:
             for f in result:
                 assert all(stats.last_has_grad[layers.index(x)] for x in f.evidence["layers"])
+
+
+def test_a_converged_layer_returning_to_ordinary_gradients_is_not_an_explosion():
+    """Near convergence norms shrink to ~1e-2: a norm of 2 is then 200x the median. It is a
+    spike only if it also exceeds spike_floor."""
+    layers = ("a", "b")
+    history = [window([s], layers, [[0.01, 0.01]]) for s in range(1, 31)]
+    spike = window([31], layers, [[2.0, 0.01]])
+    for floor, fires in ((5.0, False), (1.0, True)):
+        det = bound(ExplodingGradientDetector(spike_floor=floor), layers)
+        for stats in history:
+            det.update(stats)
+        assert bool(det.update(spike)) == fires, floor

@@ -73,7 +73,11 @@ def _is_tracing() -> bool:
 def _dense(g: Any) -> Any:
     # TensorFlow hands embeddings IndexedSlices; their values carry the gradient's entries.
     if type(g).__name__ == "IndexedSlices":
-        return g.values
+        import tensorflow as tf
+
+        # Rows of repeated indices add up in the dense gradient: sum them before any norm.
+        unique, position = tf.unique(g.indices)
+        return tf.math.unsorted_segment_sum(g.values, position, tf.shape(unique)[0])
     return g
 
 
@@ -173,10 +177,18 @@ class GradWatchCallback(keras.callbacks.Callback):
             return
         step = self._epoch_base + int(batch) + 1
         self._last_host_step = step
+        if self._traced_present is None:
+            return  # eager mode checks inside the training step itself (see _after_apply)
         if step // self.monitor.check_every > self._checked_upto // self.monitor.check_every:
             self._checked_upto = step
             with self._lock:
-                self._guard(self._check)
+                try:
+                    self._guard(self._check)
+                except BaseException:
+                    # Strict mode (or a warning turned error) ends fit() here, and Keras will
+                    # not call on_train_end: leave the model as it was before raising.
+                    self._teardown()
+                    raise
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         if self._active:
@@ -192,10 +204,13 @@ class GradWatchCallback(keras.callbacks.Callback):
                 "gradwatch saw none of the %d training batches: the model's train_step did not "
                 "call optimizer.apply (a custom train_step?), so no gradient was observed.",
                 self._last_host_step)
+        self._teardown()
+        self.monitor.end()
+
+    def _teardown(self) -> None:
         self._uninstall()
         if self.model is not None:
             self.model.train_function = None  # next fit traces without our wrappers
-        self.monitor.end()
 
     # -- public API --------------------------------------------------------------------------
 
@@ -225,7 +240,9 @@ class GradWatchCallback(keras.callbacks.Callback):
                                             layers=tuple(self._layer_infos())))
         self.monitor.reset()
         self.monitor.start()
-        window = self.monitor.check_every
+        # Room for more than one check's steps: with asynchronous batch-end dispatch the read
+        # may run a step or two behind training.
+        window = 2 * self.monitor.check_every + 4
         L = len(self._layer_names)
         self._layout = _Layout(window, L, 0)
         self._sites: list[tuple[str, str, int]] = []  # name, kind, units
@@ -346,7 +363,8 @@ class GradWatchCallback(keras.callbacks.Callback):
             stride = 1 if target == 1 or n <= 32 else _next_prime(min(target, n // 32))
             self._strides[id(w)] = stride
             self._scale[id(w)] = n / max(len(range(0, n, stride)), 1)
-            self._w0[id(w)] = ops.convert_to_tensor(self._sample(w))  # a copy, on the device
+            # A copy: on the PyTorch backend the strided sample is a view of the live variable.
+            self._w0[id(w)] = ops.multiply(ops.convert_to_tensor(self._sample(w)), 1.0)
 
     def _sample(self, w: Any) -> Any:
         flat = ops.reshape(ops.cast(w, "float32"), (-1,))
@@ -509,12 +527,20 @@ class GradWatchCallback(keras.callbacks.Callback):
         samples, ws = before
         step, norms, present, extras = self._eager_pending
         self._eager_step = step
-        window = self.monitor.check_every
+        window = self._layout.window
         self._eager_rows[step % window] = (step, norms, present, self._eager_loss)
         self._eager_loss = None
         if extras is not None:
             wnorm, wbad, ratio, change = self._weight_extras(self._weights(ws), samples or None)
             self._eager_extras = (step, extras[0], extras[1], wnorm, wbad, ratio, change)
+            # Eager mode checks here, in the training thread: Keras may run batch-end callbacks
+            # on a thread pool far behind training, and a strict-mode error belongs to this step.
+            with self._lock:
+                try:
+                    self._check()
+                except BaseException:
+                    self._uninstall()
+                    raise
 
     # Graph mode (tf.function, XLA): gated by the optimizer's iteration counter.
 
@@ -690,7 +716,9 @@ class GradWatchCallback(keras.callbacks.Callback):
         ex = host[lay.extras:lay.size]
         gmax, gbad, wnorm, wbad, ratio, change = (ex[i * L:(i + 1) * L] for i in range(6))
         extras_step = ex[6 * L]
-        fresh = np.isfinite(extras_step) and int(extras_step) == int(step_ids[-1])
+        # With steps_per_execution the read may come a few steps after the check step: the
+        # weight statistics of any check step in this window are new.
+        fresh = bool(np.isfinite(extras_step)) and int(extras_step) in set(step_ids.tolist())
         acts = host[lay.size:lay.size + len(self._sites)]
         activations = {name: self._act_stats(kind, float(val), units)
                        for (name, kind, units), val in zip(self._sites, acts) if np.isfinite(val)}
@@ -709,7 +737,7 @@ class GradWatchCallback(keras.callbacks.Callback):
                  ops.stack([r[3] if r[3] is not None else ops.convert_to_tensor(np.float32(np.nan))
                             for r in rows])]
         extras = self._eager_extras
-        fresh = extras is not None and extras[0] == rows[-1][0]
+        fresh = extras is not None and extras[0] in {r[0] for r in rows}
         if fresh:
             parts += [ops.stack([ops.convert_to_tensor(x) for x in extras[1:]])]
         names = list(self._eager_acts)

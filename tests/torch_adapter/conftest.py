@@ -7,10 +7,10 @@ import warnings
 import pytest
 
 torch = pytest.importorskip("torch")
-from gradwatch_torch.demo import moons  # noqa: E402
 from torch import nn  # noqa: E402
 
 import gradwatch  # noqa: E402
+from gradwatch._experiments import moons  # noqa: E402
 
 
 def mlp(depth: int, width: int = 32, act: type[nn.Module] = nn.ReLU, init: str | None = None,
@@ -37,7 +37,7 @@ def train(model: nn.Module, *, lr: float = 0.05, steps: int = 200, scale: float 
           **options) -> gradwatch.torch.watch:
     """Train on moons with gradwatch watching; warnings are recorded, not printed."""
     torch.manual_seed(seed)
-    x, y = data if data is not None else moons(seed=seed)
+    x, y = data if data is not None else map(torch.from_numpy, moons(seed=seed))
     x = x * scale
     optimizer = (torch.optim.SGD(model.parameters(), lr=lr) if opt == "sgd"
                  else torch.optim.Adam(model.parameters(), lr=lr))

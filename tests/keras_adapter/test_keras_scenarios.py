@@ -1,0 +1,99 @@
+"""Real small Keras models that train for real under compiled ``fit``: each detector fires on the
+broken run, names the layer, and stays quiet on the healthy one."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import UNHEALTHY, compiled, fit, mlp, to_numpy
+
+import gradwatch
+
+
+def test_deep_sigmoid_with_large_inputs_reports_vanishing_gradient_in_the_first_dense_layer(
+        deep_sigmoid_default):
+    run = deep_sigmoid_default
+    f = run.first("vanishing_gradient")
+    assert f.layer == "d0"  # the first Dense layer: furthest from the loss
+    assert f.value < 1e-4 and f.evidence["ratio_to_largest"]["d0"] < 1e-3
+    assert "first of 11" in f.message
+    # The advice comes from the model: it names the saturating activation and the structural fixes.
+    advice = " ".join(f.advice)
+    assert "ReLU" in advice and "BatchNorm" in advice and "residual" in advice
+    assert run.warned(gradwatch.VanishingGradientWarning)
+    # Not mistaken for a learning-rate problem.
+    assert "stalled_update" not in run.kinds
+    rows = {r.name: r for r in run.report.layers}
+    assert "vanishing_gradient" in rows["d0"].flags
+    assert run.report.internal_errors == ()
+
+
+def test_deep_sigmoid_with_large_inputs_reports_saturated_units_after_the_first_layer(
+        deep_sigmoid_default):
+    run = deep_sigmoid_default
+    sat = run.first("saturated_units")
+    # The activation site is the Dense layer that applies the sigmoid.
+    assert sat.layer == "d0"
+    assert sat.value > 0.5
+    assert run.warned(gradwatch.SaturationWarning)
+
+
+def test_relu_he_init_10_layers_stays_quiet_and_trains():
+    model = compiled(mlp(10, activation="relu", init="he_normal"), lr=0.05)
+    run = fit(model)
+    assert not run.kinds & UNHEALTHY, run.report
+    assert run.last_loss < 0.3  # it really trained
+    assert run.report.internal_errors == ()
+    assert not run.caught
+
+
+@pytest.mark.parametrize("lr", [pytest.param(10.0, id="lr-10"), pytest.param(50.0, id="lr-50")])
+def test_huge_learning_rate_is_reported_without_breaking_fit(lr):
+    model = compiled(mlp(3, activation="relu", init="he_normal"), lr=lr)
+    run = fit(model, epochs=4)
+    assert len(run.history.history["loss"]) == 4  # fit ran to the end and returned normally
+    assert run.kinds & {"nonfinite", "loss_divergence", "exploding_gradient"}, run.report
+    assert len([f for f in run.findings if f.kind == "nonfinite"]) <= 1  # one condition, no spam
+    assert run.report.internal_errors == ()
+    assert run.report.steps == 4 * 16
+
+
+def test_tiny_learning_rate_is_stalled_updates_not_vanishing_gradients():
+    model = compiled(mlp(3, activation="relu", init="he_normal"), lr=1e-7)
+    run = fit(model)
+    assert "stalled_update" in run.kinds, run.report
+    assert "vanishing_gradient" not in run.kinds
+    f = run.first("stalled_update")
+    assert f.layer == "d0"
+    assert f.value < 1e-5
+    assert "learning rate (now 1e-07" in f.advice[0]
+    assert run.warned(gradwatch.UpdateRatioWarning)
+
+
+def test_batchnorm_mlp_stays_quiet_and_its_moving_statistics_are_not_layers():
+    model = compiled(mlp(6, activation="relu", init="he_normal", bn=True), lr=0.05)
+    run = fit(model)
+    assert not run.kinds & UNHEALTHY, run.report
+    assert run.last_loss < 0.3
+    rows = {r.name: r for r in run.report.layers}
+    # gamma/beta are trained by the optimizer; moving mean/variance are not and are no rows.
+    assert list(rows) == [n for i in range(6) for n in (f"d{i}", f"bn{i}")] + ["out"]
+    assert rows["bn0"].num_params == 2 * 32  # gamma and beta only
+    assert not any("moving" in name for name in rows)
+    assert all("stalled_update" not in r.flags for r in rows.values())
+    assert all(math.isfinite(r.grad_norm) for r in rows.values())
+
+
+def test_frozen_layer_is_not_a_row_and_not_flagged():
+    model = mlp(4, activation="relu", init="he_normal")
+    model.get_layer("d1").trainable = False
+    compiled(model, lr=0.05)
+    frozen = [to_numpy(w) for w in model.get_layer("d1").weights]
+    run = fit(model)
+    assert not run.kinds & UNHEALTHY, run.report
+    rows = {r.name: r for r in run.report.layers}
+    assert list(rows) == ["d0", "d2", "d3", "out"]
+    assert all(not f.layer or f.layer != "d1" for f in run.findings)
+    after = [to_numpy(w) for w in model.get_layer("d1").weights]
+    assert all((a == b).all() for a, b in zip(frozen, after))  # gradwatch did not train it

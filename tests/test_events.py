@@ -1,0 +1,210 @@
+"""Reading JSONL event files back: strict about corruption, tolerant of a crashed run's last line,
+and inert about what the file says (no evaluation, escaped output)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import gradwatch
+from gradwatch._events import (
+    EventFileError,
+    first_last_ratio,
+    read_events,
+    read_runs,
+    weight_change_percent,
+)
+from gradwatch._plots import plot_run
+from gradwatch._results import md, plain, run_summary_markdown, run_summary_text
+
+HOSTILE = "<img src=x onerror=alert(1)>"
+
+
+def write_run(path, layers=("0", "1", "2"), checks=4, name="demo", nan_at=None, finding_at=2):
+    """A real event file, written by gradwatch's own JSONL sink through a Monitor."""
+    ctx = gradwatch.RunContext(
+        model=gradwatch.ModelInfo(framework="test", depth=len(layers)),
+        layers=tuple(gradwatch.LayerInfo(name=n, type="Linear", num_params=10) for n in layers))
+    f = gradwatch.Finding(kind="vanishing_gradient", step=10 * finding_at, layer=layers[0],
+                          value=1e-9, threshold=1e-4, message=f"layer {layers[0]!r} starves",
+                          advice=("use ReLU",))
+
+    class Once(gradwatch.Detector):
+        kinds = ("vanishing_gradient",)
+
+        def update(self, stats):
+            return [f] if stats.step >= f.step else []
+
+    mon = gradwatch.Monitor(ctx, detectors=[Once()], events=path, on_finding="log", name=name)
+    mon.start()
+    for c in range(1, checks + 1):
+        loss = math.nan if c == nan_at else 1.0 / c
+        grads = [10.0 ** -(len(layers) - i + c) for i in range(len(layers))]
+        mon.check(gradwatch.make_step_stats(
+            10 * c, list(layers), grads, loss=loss, has_loss=True,
+            weight_change=[0.0, 0.01 * c] + [0.1] * (len(layers) - 2),
+            update_ratio=[1e-3] * len(layers)))
+    mon.end()
+    return path
+
+
+def test_a_written_run_reads_back_as_arrays(tmp_path):
+    path = write_run(tmp_path / "run.jsonl")
+    log = read_events(path)
+    assert [e["event"] for e in log.events] == ["start"] + ["stats"] * 2 + ["finding"] + \
+        ["stats"] * 2 + ["end"]
+    assert not log.truncated
+    [run] = read_runs(path)
+    assert run.name == "demo" and run.framework == "test" and run.ended
+    assert run.layers == ("0", "1", "2") and run.layer_types == ("Linear",) * 3
+    assert run.check_steps.tolist() == [10, 20, 30, 40]
+    assert run.grad_norm.shape == (4, 3)
+    assert run.grad_norm[0].tolist() == pytest.approx([1e-4, 1e-3, 1e-2])
+    assert run.loss.tolist() == pytest.approx([1.0, 0.5, 1 / 3, 0.25])
+    assert [(f.kind, f.step, f.layer) for f in run.findings] == [("vanishing_gradient", 20, "0")]
+    assert run.findings[0].advice == ("use ReLU",)
+    assert run.steps == 40
+    # first/last layer: 1e-4 / 1e-2 at every check.
+    assert first_last_ratio(run) == pytest.approx(1e-2)
+    assert weight_change_percent(run) == pytest.approx({"0": 0.0, "1": 4.0, "2": 10.0})
+
+
+def test_nan_and_infinity_strings_become_floats_again(tmp_path):
+    path = write_run(tmp_path / "run.jsonl", nan_at=3)
+    text = path.read_text()
+    assert '"NaN"' in text and "NaN," not in text.replace('"NaN",', "")  # strict JSON on disk
+    [run] = read_runs(path)
+    assert math.isnan(run.loss[2]) and run.loss_steps.tolist() == [10, 20, 30, 40]
+    lines = text.splitlines()
+    stats = json.loads(lines[1])
+    stats["grad_norm"] = ["Infinity", "-Infinity", "NaN"]
+    lines[1] = json.dumps(stats)
+    path.write_text("\n".join(lines) + "\n")
+    [run] = read_runs(path)
+    g = run.grad_norm[0]
+    assert g[0] == math.inf and g[1] == -math.inf and math.isnan(g[2])
+
+
+def test_a_layer_called_nan_keeps_its_name(tmp_path):
+    path = write_run(tmp_path / "run.jsonl", layers=("NaN", "Infinity", "out"))
+    [run] = read_runs(path)
+    assert run.layers == ("NaN", "Infinity", "out")
+    assert run.findings[0].layer == "NaN"
+
+
+@pytest.mark.parametrize("tail", [
+    pytest.param('{"event": "stats", "step": 50, "grad_no', id="cut-mid-object"),
+    pytest.param('{"event": "st', id="cut-mid-string"),
+    pytest.param('{"event": "stats", "step": 50, "grad_norm": [1.0, 2.0, 3.0]\n', id="no-brace"),
+    pytest.param(b'{"event": "finding", "message": "\xc3', id="cut-mid-utf8"),
+])
+def test_a_truncated_last_line_is_tolerated(tmp_path, tail):
+    path = write_run(tmp_path / "run.jsonl")
+    with open(path, "ab") as fh:
+        fh.write(tail if isinstance(tail, bytes) else tail.encode())
+    log = read_events(path)
+    assert log.truncated
+    assert len(log.events) == 7  # every complete line
+    [run] = read_runs(path)
+    assert run.truncated and run.check_steps.tolist() == [10, 20, 30, 40]
+
+
+def test_a_crashed_run_without_end_event_still_reads(tmp_path):
+    path = write_run(tmp_path / "run.jsonl")
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:15])  # end event cut off
+    [run] = read_runs(path)
+    assert run.truncated and not run.ended and run.steps == 40
+    assert "did not end cleanly" in run_summary_text(run)
+
+
+@pytest.mark.parametrize("bad, problem", [
+    pytest.param('{"event": "stats", "step": 50,', "Expecting", id="broken-json"),
+    pytest.param("[1, 2, 3]", "expected a JSON object", id="not-an-object"),
+    pytest.param('{"step": 50}', 'no "event" name', id="no-event-name"),
+    pytest.param('{"event": "stats", "step": 5, "steps": [5], "loss": ["lots"], '
+                 '"grad_norm": [1, 2, 3]}', "field 'loss'", id="not-a-number"),
+    pytest.param('{"event": "stats", "step": 5, "grad_norm": [1, 2]}', "one per layer",
+                 id="wrong-layer-count"),
+    pytest.param('{"event": "stats", "step": "five", "grad_norm": [1, 2, 3]}', "field 'step'",
+                 id="step-not-int"),
+    pytest.param('{"event": "finding", "kind": "vanishing_gradient", "step": -1}',
+                 "step must be an int >= 0", id="bad-finding"),
+])
+def test_a_malformed_line_before_the_last_names_the_file_and_line(tmp_path, bad, problem):
+    path = write_run(tmp_path / "run.jsonl")
+    lines = path.read_text().splitlines()
+    lines.insert(2, bad)  # becomes line 3
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(EventFileError, match=problem) as excinfo:
+        read_runs(path)
+    assert isinstance(excinfo.value, ValueError)
+    assert str(excinfo.value).startswith(f"{path}, line 3: ")
+    assert excinfo.value.line == 3 and excinfo.value.path == str(path)
+
+
+def test_content_is_parsed_never_evaluated(tmp_path):
+    path = write_run(tmp_path / "run.jsonl")
+    lines = path.read_text().splitlines()
+    lines.insert(2, "__import__('os').system('touch pwned')")
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(EventFileError, match="line 3"):
+        read_events(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_blank_lines_are_skipped(tmp_path):
+    path = write_run(tmp_path / "run.jsonl")
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:3] + ["", "   "] + lines[3:]) + "\n\n")
+    assert len(read_events(path).events) == 7 and not read_events(path).truncated
+
+
+def test_an_appended_file_holds_one_run_per_start_event(tmp_path):
+    path = tmp_path / "run.jsonl"
+    write_run(path, name="first")
+    write_run(path, name="second", checks=2)  # the sink appends
+    runs = read_runs(path)
+    assert [r.name for r in runs] == ["first", "second"]
+    assert [r.check_steps.size for r in runs] == [4, 2]
+
+
+def test_markdown_escapes_what_the_file_says():
+    assert md(HOSTILE) == "&lt;img src=x onerror=alert(1)&gt;"
+    assert md("a|b") == r"a\|b" and md("[x](javascript:y)") == r"\[x\](javascript:y)"
+    assert md("`code` *em* _u_ line\nbreak") == r"\`code\` \*em\* \_u\_ line break"
+    assert plain("red\x1b[31m\x07") == "red?[31m?"
+
+
+def test_a_hostile_layer_name_is_inert_in_the_summary_and_plot(tmp_path):
+    path = write_run(tmp_path / "run.jsonl", layers=(HOSTILE, "$\\frac{1}{0}$", "out"),
+                     name=f"run {HOSTILE}")
+    [run] = read_runs(path)
+    text = run_summary_markdown(run, "run.png")
+    assert "<img" not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
+    assert "<" not in text.replace("&lt;", "")
+    # mathtext in a layer name is drawn as text, not parsed (a bad formula would raise).
+    png = plot_run(run, tmp_path / "run.png")
+    with open(png, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_handles_nan_runs_and_runs_without_statistics(tmp_path):
+    path = write_run(tmp_path / "run.jsonl", nan_at=2)
+    lines = path.read_text().splitlines()
+    stats = json.loads(lines[4])
+    stats["grad_norm"] = ["NaN"] * 3
+    lines[4] = json.dumps(stats)
+    path.write_text("\n".join(lines) + "\n")
+    [run] = read_runs(path)
+    assert np.isnan(run.grad_norm).any()
+    plot_run(run, tmp_path / "nan.png")
+    start_only = tmp_path / "start.jsonl"
+    start_only.write_text(path.read_text().splitlines()[0] + "\n")
+    [empty] = read_runs(start_only)
+    assert empty.check_steps.size == 0 and math.isnan(first_last_ratio(empty))
+    plot_run(empty, tmp_path / "empty.png")
+    assert (tmp_path / "nan.png").stat().st_size > 0 and (tmp_path / "empty.png").exists()

@@ -170,3 +170,20 @@ def make_step_stats(
         activations=extras.get("activations", {}),
         **arrays,
     )
+
+
+#: Fewer elements than this are sampled whole.
+MIN_SAMPLES = 32
+
+
+def sample_stride(n: int, sample_fraction: float, exact: bool = False) -> int:
+    """Stride of the fixed sample adapters keep of a tensor of ``n`` elements to estimate update
+    ratios: about ``sample_fraction`` of the elements, at least ``MIN_SAMPLES``. A prime, so the
+    sample does not alias with row lengths (every k-th column of a matrix)."""
+    target = 1 if exact else max(1, round(1 / sample_fraction))
+    if target == 1 or n <= MIN_SAMPLES:
+        return 1
+    stride = max(2, min(target, n // MIN_SAMPLES))
+    while any(stride % p == 0 for p in range(2, int(stride**0.5) + 1)):
+        stride += 1
+    return stride

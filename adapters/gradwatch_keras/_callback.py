@@ -34,7 +34,7 @@ from gradwatch._detectors import SATURATION_DERIVATIVE
 from gradwatch._findings import Finding, GradientHealthError
 from gradwatch._monitor import CORE_OPTIONS, Monitor
 from gradwatch._report import Report
-from gradwatch._stats import ActivationStats, LayerInfo, ModelInfo, StepStats
+from gradwatch._stats import ActivationStats, LayerInfo, ModelInfo, StepStats, sample_stride
 
 logger = logging.getLogger("gradwatch")
 
@@ -45,13 +45,6 @@ _NORM_LAYERS = {"BatchNormalization": "batchnorm", "LayerNormalization": "layern
                 "RMSNormalization": "rmsnorm"}
 _RECURRENT = ("SimpleRNN", "LSTM", "GRU", "RNN", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D",
               "Bidirectional")
-
-
-def _next_prime(n: int) -> int:
-    n = max(2, n)
-    while any(n % p == 0 for p in range(2, int(n**0.5) + 1)):
-        n += 1
-    return n
 
 
 def _activation_name(fn: Any) -> str | None:
@@ -357,10 +350,9 @@ class GradWatchCallback(keras.callbacks.Callback):
         self._w0: dict[int, Any] = {}
         if self.update_ratio == "off":
             return
-        target = max(1, round(1 / self.sample_fraction)) if self.update_ratio == "sampled" else 1
         for w in self._vars:
             n = int(np.prod(w.shape))
-            stride = 1 if target == 1 or n <= 32 else _next_prime(min(target, n // 32))
+            stride = sample_stride(n, self.sample_fraction, self.update_ratio == "exact")
             self._strides[id(w)] = stride
             self._scale[id(w)] = n / max(len(range(0, n, stride)), 1)
             # A copy: on the PyTorch backend the strided sample is a view of the live variable.

@@ -30,7 +30,7 @@ from gradwatch._detectors import SATURATION_DERIVATIVE
 from gradwatch._findings import Finding, GradientHealthError
 from gradwatch._monitor import CORE_OPTIONS, Monitor
 from gradwatch._report import Report
-from gradwatch._stats import ActivationStats, LayerInfo, ModelInfo, StepStats
+from gradwatch._stats import ActivationStats, LayerInfo, ModelInfo, StepStats, sample_stride
 
 ACTIVATION_KINDS: dict[type, str] = {
     nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.ReLU: "relu", nn.ReLU6: "relu6",
@@ -53,13 +53,6 @@ SAMPLED = {"relu": "relu", "relu6": "relu", "sigmoid": "sigmoid", "tanh": "tanh"
 _RESIDUAL_HINTS = ("residual", "resblock", "basicblock", "bottleneck", "skip", "shortcut")
 
 TORCH_OPTIONS = ("scaler", "update_ratio", "sample_fraction")
-
-
-def _next_prime(n: int) -> int:
-    n = max(2, n)
-    while any(n % p == 0 for p in range(2, int(n**0.5) + 1)):
-        n += 1
-    return n
 
 
 def _remove_handles(handles: list[Any]) -> None:
@@ -249,11 +242,10 @@ class TorchWatcher:
         self._sample_scale = torch.ones(len(params), **f32)
         self._w0: list[torch.Tensor] = []
         if self.update_ratio != "off" and params:
-            target = max(1, round(1 / self.sample_fraction)) if self.update_ratio == "sampled" else 1
             scale = []
             for p in params:
                 n = p.numel()
-                stride = 1 if target == 1 or n <= 32 else _next_prime(min(target, n // 32))
+                stride = sample_stride(n, self.sample_fraction, self.update_ratio == "exact")
                 self._strides.append(stride)
                 k = len(range(0, n, stride))
                 scale.append(n / max(k, 1))

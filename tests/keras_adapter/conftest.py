@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from gradwatch._experiments import moons  # noqa: F401  (the experiments' own data set)
+
 keras = pytest.importorskip("keras")
 
 import gradwatch  # noqa: E402
@@ -40,18 +42,6 @@ def circles(n: int = 512, noise: float = 0.05, seed: int = 0) -> tuple[np.ndarra
     r = np.where(outer, 1.0, 0.5)
     x = np.c_[r * np.cos(t), r * np.sin(t)] + rng.normal(0, noise, (n, 2))
     return x.astype("float32"), outer.astype("float32")
-
-
-def moons(n: int = 512, noise: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Two interleaving half-circles; made in code."""
-    rng = np.random.default_rng(seed)
-    half = n // 2
-    t = rng.uniform(0, math.pi, n)
-    x = np.concatenate([np.c_[np.cos(t[:half]), np.sin(t[:half])],
-                        np.c_[1 - np.cos(t[half:]), 0.5 - np.sin(t[half:])]])
-    x += rng.normal(0, noise, x.shape)
-    y = np.r_[np.zeros(half), np.ones(n - half)]
-    return x.astype("float32"), y.astype("float32")
 
 
 def mlp(depth: int, width: int = 32, activation: str = "relu", init: str = "glorot_uniform",

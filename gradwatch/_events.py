@@ -1,8 +1,9 @@
 """Reads a JSONL event file (``events=``) back into runs: the input of plots and reports.
 
 Strict by design: a line that is not a JSON object with an ``"event"`` name is an error naming
-the file and the 1-based line number, with one exception — the last line may be truncated (a
-run killed mid-write) and is then dropped. Content is only ever parsed with ``json.loads``;
+the file and the 1-based line number, with one exception — a line cut off by a run killed
+mid-write is dropped: the last line of the file, or the last line before a later run's ``start``
+event (the writer ends a torn line before it appends). Content is only ever parsed with ``json.loads``;
 nothing in the file is evaluated. The strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` that
 the writer uses for non-finite numbers become floats again, in numeric fields only (a layer
 that is really called ``"NaN"`` keeps its name).
@@ -51,6 +52,8 @@ class EventLog:
     events: list[dict[str, Any]]
     #: The last line was cut off (and dropped): the writing process probably died.
     truncated: bool = False
+    #: 1-based numbers of every dropped torn line (the last line's included).
+    cut: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -106,7 +109,10 @@ def _number(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a number, got {value!r}")
     if isinstance(value, (int, float)) or value is None or isinstance(value, str):
-        return from_json_number(value)
+        try:
+            return from_json_number(value)
+        except OverflowError:  # an integer literal beyond the float range
+            raise ValueError("number out of range") from None
     raise ValueError(f"expected a number, got {type(value).__name__}")
 
 
@@ -150,28 +156,51 @@ def read_events(path: str | os.PathLike) -> EventLog:
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     events: list[dict[str, Any]] = []
     truncated = False
+    cut: list[int] = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            text = line.decode("utf-8")
-            event = json.loads(text)
-            if not isinstance(event, dict):
-                raise ValueError(f"expected a JSON object, got {type(event).__name__}")
-            if not isinstance(event.get("event"), str):
-                raise ValueError('the object has no "event" name')
+            event = _parse(line)
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             if i == last:
                 truncated = True  # a run killed mid-write: keep what was complete
+                cut.append(i + 1)
                 break
+            if _starts_run(lines, i + 1):
+                cut.append(i + 1)  # killed mid-write, then a new run appended to the file
+                continue
             raise EventFileError(path, i + 1, _short(exc)) from None
         try:
             _restore(event)
-        except ValueError as exc:
-            raise EventFileError(path, i + 1, str(exc)) from None
+        except (ValueError, RecursionError) as exc:
+            raise EventFileError(path, i + 1, _short(exc)) from None
         event["_line"] = i + 1
         events.append(event)
-    return EventLog(path=path, events=events, truncated=truncated)
+    return EventLog(path=path, events=events, truncated=truncated, cut=cut)
+
+
+def _parse(line: bytes) -> dict[str, Any]:
+    try:
+        event = json.loads(line.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    if not isinstance(event, dict):
+        raise ValueError(f"expected a JSON object, got {type(event).__name__}")
+    if not isinstance(event.get("event"), str):
+        raise ValueError('the object has no "event" name')
+    return event
+
+
+def _starts_run(lines: list[bytes], j: int) -> bool:
+    """The first non-blank line from ``j`` on is a run's ``start`` event."""
+    for line in lines[j:]:
+        if line.strip():
+            try:
+                return _parse(line)["event"] == "start"
+            except ValueError:
+                return False
+    return False
 
 
 def _short(exc: Exception) -> str:
@@ -180,8 +209,10 @@ def _short(exc: Exception) -> str:
 
 
 def _list_of(values: Any, n: int, what: str) -> np.ndarray:
-    if not isinstance(values, list) or len(values) != n:
-        got = len(values) if isinstance(values, list) else type(values).__name__
+    nested = isinstance(values, list) and any(isinstance(v, list) for v in values)
+    if not isinstance(values, list) or len(values) != n or nested:
+        got = ("nested lists" if nested else len(values)) if isinstance(values, list) \
+            else type(values).__name__
         raise ValueError(f"{what} must be a list of {n} numbers (one per layer), got {got}")
     return np.asarray(values, dtype=float)
 
@@ -189,6 +220,8 @@ def _list_of(values: Any, n: int, what: str) -> np.ndarray:
 class _RunBuilder:
     def __init__(self, path: str, start: Mapping[str, Any] | None) -> None:
         self.path = path
+        #: Line of the start event (0 for events before any start).
+        self.first_line = start["_line"] if start else 0
         start = start or {}
         layers = start.get("layers") or []
         if not isinstance(layers, list):
@@ -279,9 +312,11 @@ def runs_from_events(log: EventLog) -> list[RunLog]:
             if not builders:
                 builders.append(_RunBuilder(log.path, None))
             builders[-1].add(event)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
             raise EventFileError(log.path, event["_line"], _short(exc)) from None
-    return [b.build(truncated=log.truncated and i == len(builders) - 1)
+    # A run is truncated when a torn line was dropped between its start and the next run's.
+    bounds = [b.first_line for b in builders] + [math.inf]
+    return [b.build(truncated=any(bounds[i] < c < bounds[i + 1] for c in log.cut))
             for i, b in enumerate(builders)]
 
 

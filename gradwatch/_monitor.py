@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import traceback
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -78,6 +79,8 @@ class Monitor:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         self.run_name = name
+        # Before any hook call: a plugin's gradwatch_default_detectors may already fail.
+        self._errors: dict[str, str] = {}
         self.pm = _manager.new_plugin_manager()
         for plugin_name, plugin in _manager.get_plugin_manager().list_name_plugin():
             if plugin is not None:
@@ -86,7 +89,9 @@ class Monitor:
         if events is not None:
             self.pm.register(JsonlSink(events), name="events")
         for i, plugin in enumerate(plugins):
-            self.pm.register(plugin, name=f"run-plugin-{i}")
+            # The name is what a failure report says: the plugin's class (or module), not a number.
+            label = plugin.__name__ if isinstance(plugin, types.ModuleType) else type(plugin).__name__
+            self.pm.register(plugin, name=f"{label} (run plugin {i})")
         if detectors is None:
             detectors = [d for group in self._call("gradwatch_default_detectors") for d in group]
         else:
@@ -101,7 +106,6 @@ class Monitor:
         self.detectors: list[Detector] = detectors
         #: Findings in order of occurrence (starts only; clears go to the log and event file).
         self.findings: list[Finding] = []
-        self._errors: dict[str, str] = {}
         self.reset()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -166,15 +170,15 @@ class Monitor:
             self.internal_error("report aggregation", exc)
         self._call("gradwatch_step_stats", monitor=self, stats=stats)
         results = []
-        for det in self.detectors:
-            try:
-                with np.errstate(all="ignore"):  # extreme inputs are data, not warnings
+        with np.errstate(all="ignore"):  # extreme inputs are data, not warnings
+            for det in self.detectors:
+                try:
                     result = det.update(stats)
-            except Exception as exc:
-                self.internal_error(f"detector {type(det).__name__}", exc)
-                continue
-            if result is not None:
-                results.append((det, result))
+                except Exception as exc:
+                    self.internal_error(f"detector {type(det).__name__}", exc)
+                    continue
+                if result is not None:
+                    results.append((det, result))
         started: list[tuple[int, Finding]] = []
         cleared: list[Finding] = []
         for det, result in results:

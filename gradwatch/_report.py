@@ -12,6 +12,14 @@ import numpy as np
 from ._findings import Finding
 
 
+def plain(text: object, *, lines: bool = False) -> str:
+    """Text safe to print on a terminal: control characters (escape sequences) become ``?``,
+    and line breaks too unless ``lines``."""
+    if lines:
+        return "\n".join(plain(line) for line in str(text).split("\n"))
+    return "".join(c if c.isprintable() else "?" for c in str(text))
+
+
 def _num(x: float | None, pct: bool = False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
@@ -75,14 +83,16 @@ class Report:
         return {f.kind for f in self.findings}
 
     def __str__(self) -> str:
-        head = [f"gradwatch report ({self.framework}): {self.steps} optimizer steps, "
+        head = [f"gradwatch report ({plain(self.framework)}): {self.steps} optimizer steps, "
                 f"{self.checks} checks, {len(self.findings)} findings"]
         if not math.isnan(self.loss_first):
             head.append(f"loss: {self.loss_first:.4g} (first) -> {self.loss_last:.4g} (last)")
         cols = ("layer", "type", "params", "grad norm", "typical", "update/w", "w change", "flags")
+        # Names and messages are the model's own strings: one line each, no escape sequences.
         rows = [cols] + [(
-            r.name, r.type, str(r.num_params), _num(r.grad_norm), _num(r.grad_norm_typical),
-            _num(r.update_ratio), _num(r.weight_change, pct=True), ",".join(r.flags) or "ok",
+            plain(r.name), plain(r.type), str(r.num_params), _num(r.grad_norm),
+            _num(r.grad_norm_typical), _num(r.update_ratio), _num(r.weight_change, pct=True),
+            plain(",".join(r.flags) or "ok"),
         ) for r in self.layers]
         widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
@@ -91,15 +101,15 @@ class Report:
         if self.findings:
             out.append("findings:")
             for f in self.findings:
-                out.append(f"- [{f.kind}] {f.message}")
+                out.append(f"- [{plain(f.kind)}] {plain(f.message)}")
                 for a in f.advice:
-                    out.append(f"    * {a}")
+                    out.append(f"    * {plain(a)}")
         else:
             out.append("findings: none")
         if self.suppressed:
             out.append(f"({self.suppressed} repeated reports suppressed by the rate limit)")
         for err in self.internal_errors:
-            out.append(f"gradwatch internal error (training continued): {err}")
+            out.append(f"gradwatch internal error (training continued): {plain(err)}")
         return "\n".join(out)
 
 

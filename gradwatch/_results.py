@@ -19,18 +19,11 @@ from ._events import RunLog, finding_rows, first_last_ratio, weight_change_perce
 from ._experiments import Experiment, judge
 from ._findings import to_json_ready
 from ._plots import short_kind
+from ._report import plain
 
 # -- escaping --------------------------------------------------------------------------------
 
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]|~#!])")
-
-
-def plain(text: object, *, lines: bool = False) -> str:
-    """Text safe to print on a terminal: control characters (escape sequences) become ``?``,
-    and line breaks too unless ``lines``."""
-    if lines:
-        return "\n".join(plain(line) for line in str(text).split("\n"))
-    return "".join(c if c.isprintable() else "?" for c in str(text))
 
 
 def md(text: object) -> str:
@@ -342,7 +335,7 @@ def run_summary_markdown(run: RunLog, plot: str | None) -> str:
     if not run.ended:
         out.append("")
         out.append("**The run did not end cleanly** (no end event"
-                   + ("; the last line of the file was truncated)." if run.truncated else ")."))
+                   + ("; its last line was truncated)." if run.truncated else ")."))
     if plot:
         out += ["", f"![gradient flow and loss]({_link(plot)})"]
     out += ["", "| layer | type | grad norm (median) | grad norm (last) | weight change | flags |",

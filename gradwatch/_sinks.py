@@ -13,6 +13,7 @@ from typing import Any
 
 from ._findings import Finding, GradientHealthError, to_json_ready
 from ._hookspecs import hookimpl
+from ._report import plain
 
 logger = logging.getLogger("gradwatch")
 # A library logs; the application decides where it goes. Without this, logging's last-resort
@@ -52,7 +53,9 @@ class FindingSink:
 
     @hookimpl
     def gradwatch_finding(self, finding: Finding) -> None:
-        text = finding.render()
+        # Layer names are the model's own strings: no escape sequence or line break reaches the
+        # terminal through them.
+        text = plain(finding.render())
         mode = self.on_finding
         if mode == "warn":
             logger.info("%s: %s", finding.category.__name__, text)
@@ -68,8 +71,8 @@ class FindingSink:
 
     @hookimpl
     def gradwatch_finding_cleared(self, finding: Finding, step: int) -> None:
-        where = f" in layer '{finding.layer}'" if finding.layer is not None else ""
-        logger.info("step %d: %s%s (reported at step %d) has cleared.", step, finding.kind,
+        where = f" in layer '{plain(finding.layer)}'" if finding.layer is not None else ""
+        logger.info("step %d: %s%s (reported at step %d) has cleared.", step, plain(finding.kind),
                     where, finding.step)
 
     @hookimpl
@@ -99,14 +102,22 @@ class JsonlSink:
         try:
             self._write_line(event)
         except Exception:
-            # Reported once by the monitor; the other sinks and training carry on.
+            # Reported once by the monitor; the other sinks and training carry on. The file is
+            # let go now: closing it at the end would fail again (a full disk still cannot take
+            # the buffered bytes) and be reported a second time.
             self._broken = True
+            self._drop()
             raise
 
     def _write_line(self, event: dict[str, Any]) -> None:
         if self._file is None:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            torn = _ends_mid_line(self.path)
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held for the run
+            if torn:
+                # An earlier run was killed mid-line: end that line, so this run's first event
+                # is a line of its own and the reader can drop just the torn one.
+                self._file.write("\n")
         event = {"event": event.pop("event"), "time": round(time.time(), 3), **event}
         self._file.write(json.dumps(to_json_ready(event), allow_nan=False) + "\n")
         self._file.flush()
@@ -154,3 +165,23 @@ class JsonlSink:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    def _drop(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()
+            except Exception:  # already reported; nothing more to say
+                pass
+
+
+def _ends_mid_line(path: str) -> bool:
+    """The file exists, is not empty and its last byte is not a newline."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.seek(0, os.SEEK_END) == 0:
+                return False
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) != b"\n"
+    except OSError:
+        return False  # not there yet (or unreadable: the append will say so)

@@ -181,8 +181,9 @@ def ref_nonfinite_scan(stats):
         bad = [j for j in with_grad if not math.isfinite(stats.grad_norm[r, j])]
         loss_bad = bool(stats.has_loss[r]) and not math.isfinite(stats.loss[r])
         w = stats.weight_nonfinite
+        # Bad weights after a step whose gradient was bad in that layer are its consequence.
         w_bad = [j for j in range(len(stats.layers))
-                 if r == last and w is not None and w[j] > 0]
+                 if r == last and w is not None and w[j] > 0 and j not in bad]
         if bad or loss_bad or w_bad:
             if w_bad:
                 layer = stats.layers[w_bad[0]]

@@ -208,39 +208,47 @@ class TorchWatcher:
     def _setup_buffers(self) -> None:
         params = [p for layer in self._layers for p in layer.params]
         self._params = params
-        self._param_layer = [i for i, layer in enumerate(self._layers) for _ in layer.params]
+        self._param_ids = {id(p) for p in params}
+        # Parameters are grouped by layer, in order: a layer is a contiguous run of them, so
+        # per-layer sums on the host are one np.add.reduceat over these starts.
+        counts = [len(layer.params) for layer in self._layers]
+        self._seg_starts = np.cumsum([0] + counts[:-1]).astype(np.intp)
+        self._param_layer = np.repeat(np.arange(len(self._layers)), counts)
+        self._param_numel = np.array([p.numel() for p in params], dtype=float)
         self._device = params[0].device if params else torch.device("cpu")
+        self._one_device = all(p.device == self._device for p in params)
         n_layers = len(self._layers)
         window = self.monitor.check_every
-        f32 = dict(dtype=torch.float32, device=self._device)
-        self._hist = torch.full((window, n_layers), math.nan, **f32)
-        self._loss_hist = torch.full((window,), math.nan, **f32)
+        # Per step, per parameter tensor: the gradient's L2 norm (0 where there is none; the
+        # host-side mask tells). Layers are summed at check time, on the host.
+        self._hist = torch.zeros((window, len(params)), dtype=torch.float32, device=self._device)
         self._has_grad = np.zeros((window, n_layers), dtype=bool)
-        self._has_loss = np.zeros(window, dtype=bool)
+        self._all_layers = np.ones(n_layers, dtype=bool)
+        self._inv_scale: list[torch.Tensor | None] = [None] * window
+        self._loss_slot: list[Any] = [None] * window
+        self._losses: list[Any] = []
         self._window_steps: list[int] = []
-        self._grad_size = np.array([sum(p.numel() for p in layer.params) for layer in self._layers],
-                                   dtype=float)
-        self._loss_acc = torch.zeros((), **f32)
-        self._loss_count = 0
+        self._grad_size = np.add.reduceat(self._param_numel, self._seg_starts) if params else \
+            np.zeros(0)
         self._step = 0  # completed optimizer steps
         self._cb_queued = False
         self._backward_seen = False
-        self._index_cache: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
-        self._zero = torch.zeros((), **f32)
-        self._full_index = torch.tensor(self._param_layer, dtype=torch.long, device=self._device)
-        self._check_extra: torch.Tensor | None = None  # grad max / nonfinite / zero fraction
-        self._bwd_total: torch.Tensor | None = None
-        self._pre_total: torch.Tensor | None = None
+        self._index_cache: tuple[list[int], torch.Tensor, np.ndarray] | None = None
+        self._check_extra: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._pre_norms: torch.Tensor | None = None
         self._snapshot: list[torch.Tensor] | None = None
         self._activations: dict[str, tuple[str, torch.Tensor, int]] = {}
         self._act_calls: dict[str, int] = {}
         self._sampling = False
         self._clipping_seen = False
+        self._structure_warned = False
+        self._layer_names = tuple(layer.name for layer in self._layers)
         # Strided samples for update ratios: stride chosen per tensor, prime to avoid aliasing
         # with row lengths; the start-of-run sample gives the weight change since the start.
         self._strides: list[int] = []
-        self._sample_scale = torch.ones(len(params), **f32)
+        self._sample_scale = np.ones(len(params))
         self._w0: list[torch.Tensor] = []
+        self._w0_sq = np.zeros(n_layers)
         if self.update_ratio != "off" and params:
             scale = []
             for p in params:
@@ -249,18 +257,27 @@ class TorchWatcher:
                 self._strides.append(stride)
                 k = len(range(0, n, stride))
                 scale.append(n / max(k, 1))
-            self._sample_scale = torch.tensor(scale, **f32)
+            self._sample_scale = np.array(scale)
             with torch.no_grad():
                 self._w0 = [s.clone() for s in self._samples()]
+                w0n = torch.stack([n.to(self._device) for n in torch._foreach_norm(
+                    self._w0, 2, dtype=torch.float32)]).cpu().numpy().astype(float)
+            self._w0_sq = self._layer_sum(w0n * w0n * self._sample_scale)
 
     def _samples(self) -> list[torch.Tensor]:
         return [p.detach().reshape(-1)[::s] for p, s in zip(self._params, self._strides)]
+
+    def _layer_sum(self, per_param: np.ndarray) -> np.ndarray:
+        """Per-layer sums of a per-parameter array (last axis)."""
+        if not self._params:
+            return np.zeros(per_param.shape[:-1] + (len(self._layers),))
+        return np.add.reduceat(per_param, self._seg_starts, axis=-1)
 
     def extra_memory_bytes(self) -> int:
         """Bytes gradwatch holds on the device between steps (start-of-run samples and the
         per-step history), excluding transient check-step buffers."""
         held = sum(t.numel() * t.element_size() for t in self._w0)
-        held += self._hist.numel() * 4 + self._loss_hist.numel() * 4 + self._sample_scale.numel() * 4
+        held += self._hist.numel() * self._hist.element_size()
         return held
 
     # -- hooks -------------------------------------------------------------------------------
@@ -310,75 +327,106 @@ class TorchWatcher:
 
     # -- per-step work -----------------------------------------------------------------------
 
-    def _layer_index(self, present: list[int]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-        """Layer index of each present parameter, each layer's element count, and which layers
-        have a gradient (cached: the set of parameters with gradients rarely changes)."""
+    def _present(self, grads: list[Any]) -> tuple[list[int], torch.Tensor, np.ndarray] | None:
+        """Which parameters have a gradient: ``None`` when all do (the usual case), else their
+        indices (list and device tensor) and the mask of layers with one. Cached: the set of
+        parameters with gradients rarely changes."""
+        missing = False
+        for g in grads:
+            if g is None:
+                missing = True
+                break
+        if not missing:
+            return None
+        present = [i for i, g in enumerate(grads) if g is not None]
         cache = self._index_cache
         if cache is not None and cache[0] == present:
-            return cache[1], cache[2], cache[3]
-        layer_of = [self._param_layer[i] for i in present]
-        idx = torch.tensor(layer_of, dtype=torch.long, device=self._device)
-        sizes = torch.zeros(len(self._layers), device=self._device).index_add_(
-            0, idx, torch.tensor([float(self._params[i].numel()) for i in present],
-                                 device=self._device))
+            return cache
         mask = np.zeros(len(self._layers), dtype=bool)
-        mask[layer_of] = True
-        self._index_cache = (present, idx, sizes, mask)
-        return idx, sizes, mask
+        mask[self._param_layer[present]] = True
+        cache = (present, torch.tensor(present, dtype=torch.long, device=self._device), mask)
+        self._index_cache = cache
+        return cache
+
+    def _norms(self, tensors: list[torch.Tensor], ord: float = 2) -> torch.Tensor:
+        """One batched norm per tensor, stacked on the watcher's device."""
+        norms = torch._foreach_norm(tensors, ord, dtype=torch.float32)
+        if not self._one_device:
+            norms = [n.to(self._device) for n in norms]
+        return torch.stack(norms)
 
     def _record_backward(self) -> None:
-        present = [i for i, p in enumerate(self._params) if p.grad is not None]
+        grads = [p.grad for p in self._params]
         slot = self._step % self.monitor.check_every
-        if not present:
-            self._hist[slot].fill_(math.nan)
-            self._has_grad[slot] = False
-            if self._opt_ref is None:
-                self._commit()
-            return
-        self._backward_seen = True
-        grads = [self._params[i].grad for i in present]
-        idx, sizes, mask = self._layer_index(present)
+        row = self._hist[slot]
+        present = self._present(grads)
+        check_next = self.monitor.is_check_step(self._step + 1)
         with torch.no_grad():
-            # Layers without a gradient read 0 here; the host-side mask marks them.
-            norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
-            if norms.device != self._device:
-                norms = norms.to(self._device)
-            sq = self._hist[slot].zero_().index_add_(0, idx, norms * norms)
-            if self.monitor.is_check_step(self._step + 1):
-                self._bwd_total = sq.sum().sqrt()
-                self._check_extra = self._grad_extras(grads, idx, sizes, norms)
-            sq.sqrt_()
-        self._has_grad[slot] = mask
+            if present is None and grads:
+                if self._one_device:
+                    torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32), out=row)
+                else:
+                    row.copy_(self._norms(grads))
+                self._has_grad[slot] = self._all_layers
+            elif present is None or not present[0]:
+                self._has_grad[slot] = False
+                if self._opt_ref is None:
+                    self._commit()
+                return
+            else:
+                grads = [grads[i] for i in present[0]]
+                row.zero_().index_copy_(0, present[1], self._norms(grads))
+                self._has_grad[slot] = present[2]
+            self._backward_seen = True
+            if check_next and self._is_detail_step(self._step + 1):
+                self._check_extra = self._grad_extras(grads, present)
         if self._opt_ref is None:
-            scaler = self._scaler_ref() if self._scaler_ref is not None else None
-            self._unscale(slot, scaler)
+            self._inv_scale[slot] = self._inv(self._scaler_ref() if self._scaler_ref else None)
             self._commit()
 
-    def _grad_extras(self, grads: list[torch.Tensor], idx: torch.Tensor, sizes: torch.Tensor,
-                     norms: torch.Tensor) -> torch.Tensor:
-        """Check-step gradient statistics per layer: max |g|, tensors holding NaN/Inf, and the
-        fraction of exactly-zero entries (L0 "norm" counts the non-zeros)."""
-        n_layers = len(self._layers)
+    def _grad_extras(self, grads: list[torch.Tensor],
+                     present: tuple[list[int], torch.Tensor, np.ndarray] | None) -> tuple:
+        """Check-step gradient statistics per parameter: max |g| and the number of non-zero
+        entries (the L0 "norm"), laid out like the history row."""
+        n = len(self._params)
         dev = self._device
-        gmax = torch.stack(torch._foreach_norm(grads, math.inf, dtype=torch.float32)).to(dev)
-        nnz = torch.stack(torch._foreach_norm(grads, 0, dtype=torch.float32)).to(dev)
-        out = torch.zeros(3, n_layers, device=dev)
-        out[0].scatter_reduce_(0, idx, gmax, reduce="amax", include_self=False)
-        out[1].index_add_(0, idx, (~torch.isfinite(norms)).float())
-        out[2].index_add_(0, idx, nnz)
-        out[2] = 1 - out[2] / sizes.clamp_min(1)
+        out = torch.zeros(2, n, device=dev)
+        nonempty = [g for g in grads if g.numel()]
+        if nonempty:
+            if dev.type == "cpu":
+                # On CPU the inf-norm kernel is ~10x slower than aminmax and abs() would copy
+                # every gradient; aminmax reads each gradient once, allocation-free.
+                lo_hi = [torch.aminmax(g) for g in nonempty]
+                lo = torch.stack([a for a, _ in lo_hi]).float().abs()
+                hi = torch.stack([b for _, b in lo_hi]).float().abs()
+                gmax = torch.maximum(lo, hi)
+            else:
+                gmax = self._norms(nonempty, math.inf)
+            nnz = self._norms(nonempty, 0)
+            if len(nonempty) == n:
+                out[0], out[1] = gmax, nnz
+            else:
+                ids = present[0] if present is not None else range(n)
+                keep = torch.tensor([i for i, g in zip(ids, grads) if g.numel()],
+                                    dtype=torch.long, device=dev)
+                out[0].index_copy_(0, keep, gmax)
+                out[1].index_copy_(0, keep, nnz)
         return out
 
-    def _unscale(self, slot: int, scaler: Any) -> None:
+    def _is_detail_step(self, step: int) -> bool:
+        """Check steps that also measure max |g| and zero fractions (and sample activations): every ``activation_every`` steps, or every 5th check without it. None of
+        the detectors needs them every check, and on CPU they cost more than the norms."""
+        every = self.monitor.activation_every or 5 * self.monitor.check_every
+        return step % every == 0
+
+    @staticmethod
+    def _inv(scaler: Any) -> torch.Tensor | None:
+        """1 / the GradScaler's current scale (a new tensor: the scaler updates its own in
+        place after the step), or None without loss scaling."""
         scale = getattr(scaler, "_scale", None) if scaler is not None else None
         if scaler is None or not isinstance(scale, torch.Tensor) or not scaler.is_enabled():
-            return
-        inv = scale.to(self._device, torch.float32).reciprocal()
-        self._hist[slot].mul_(inv)
-        if self._check_extra is not None and self.monitor.is_check_step(self._step + 1):
-            self._check_extra[0].mul_(inv)
-            if self._bwd_total is not None:
-                self._bwd_total = self._bwd_total * inv
+            return None
+        return scale.detach().float().reciprocal()
 
     def _find_scaler(self) -> Any:
         # GradScaler.step(opt) calls opt.step() from _maybe_opt_step; find it on the stack so a
@@ -401,16 +449,21 @@ class TorchWatcher:
 
     def _on_pre_step(self) -> None:
         slot = self._step % self.monitor.check_every
-        self._unscale(slot, self._find_scaler())
+        self._inv_scale[slot] = self._inv(self._find_scaler())
         if not self.monitor.is_check_step(self._step + 1):
             return
         with torch.no_grad():
-            grads = [p.grad for p in self._params if p.grad is not None]
-            if grads:
-                n = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).to(self._device)
-                self._pre_total = (n * n).sum().sqrt()
             if self._w0:
                 self._snapshot = [s.clone() for s in self._samples()]
+            # The gradients the optimizer is about to apply (after any clipping, unscaled):
+            # compared with the end of backward, they tell whether the user clips.
+            grads = [p.grad for p in self._params]
+            present = self._present(grads)
+            if present is None:
+                self._pre_norms = self._norms(grads) if grads else None
+            elif present[0]:
+                self._pre_norms = torch.zeros(len(grads), device=self._device).index_copy_(
+                    0, present[1], self._norms([grads[i] for i in present[0]]))
 
     def _on_post_step(self) -> None:
         self._commit()
@@ -425,14 +478,12 @@ class TorchWatcher:
             if loss.numel() != 1:
                 raise ValueError(f"observe_loss: loss must be a scalar, got shape "
                                  f"{tuple(loss.shape)}")
-            value = loss.detach().reshape(()).to(self._device, torch.float32)
+            self._losses.append(loss.detach())  # read at the next check, with everything else
         elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
-            value = torch.tensor(float(loss), dtype=torch.float32, device=self._device)
+            self._losses.append(float(loss))
         else:
             raise TypeError(f"observe_loss: loss must be a tensor or a float, got "
                             f"{type(loss).__name__}")
-        self._loss_acc = self._loss_acc + value
-        self._loss_count += 1
 
     def _commit(self) -> None:
         """One optimizer step completed: file its loss, then check if it is a check step."""
@@ -440,112 +491,141 @@ class TorchWatcher:
         if not self._backward_seen:
             # An optimizer step with no backward since the last one: no gradient to report
             # (the slot still holds a value from check_every steps ago).
-            self._hist[slot].fill_(math.nan)
             self._has_grad[slot] = False
         self._backward_seen = False
         self._step += 1
-        if self._loss_count:
-            self._loss_hist[slot] = self._loss_acc / self._loss_count
-            self._has_loss[slot] = True
+        losses = self._losses
+        if len(losses) == 1:
+            self._loss_slot[slot] = losses[0]
+        elif losses:
+            self._loss_slot[slot] = losses  # averaged at the check
         else:
-            self._loss_hist[slot] = math.nan
-            self._has_loss[slot] = False
-        self._loss_acc = self._zero  # observe_loss never writes in place
-        self._loss_count = 0
+            self._loss_slot[slot] = None
+        self._losses = []
         self._window_steps.append(self._step)
         self.monitor.note_steps(self._step)
         if self.monitor.is_check_step(self._step):
             self._guard(self._check)
             self._window_steps = []
         self._sampling = self.monitor.is_activation_step(self._step + 1)
-        self._act_calls.clear()
+        if self._act_calls:
+            self._act_calls.clear()
 
     # -- the check ---------------------------------------------------------------------------
 
-    def _check(self) -> None:
-        n_layers = len(self._layers)
-        dev = self._device
-        parts = [self._hist.flatten(), self._loss_hist]
-        with torch.no_grad():
-            extra = self._check_extra
-            if extra is None:
-                extra = torch.full((3, n_layers), math.nan, device=dev)
-            parts.append(extra.flatten())
-            params = self._params
-            if params:
-                wn = torch.stack(torch._foreach_norm([p.detach() for p in params], 2,
-                                                     dtype=torch.float32)).to(dev)
-                idx = self._full_index
-                wsq = torch.zeros(n_layers, device=dev).index_add_(0, idx, wn * wn)
-                wbad = torch.zeros(n_layers, device=dev).index_add_(0, idx, (~torch.isfinite(wn)).float())
-                parts += [wsq.sqrt(), wbad]
-                ratio, change = self._ratios(idx)
-                parts += [ratio, change]
+    def _loss_values(self, window: int, parts: list[torch.Tensor]) -> list[Any]:
+        """Each slot's loss: a float, None, or (an int) its position among the loss tensors
+        appended to ``parts``, which are read in the check's one transfer."""
+        out: list[Any] = []
+        k = 0
+        for slot in range(window):
+            value = self._loss_slot[slot]
+            if isinstance(value, list):
+                tensors = [x.float().to(self._device).reshape(()) if isinstance(x, torch.Tensor)
+                           else torch.tensor(x, device=self._device) for x in value]
+                value = torch.stack(tensors).mean()
+            if isinstance(value, torch.Tensor):
+                parts.append(value.float().to(self._device).reshape(1))
+                out.append(k)
+                k += 1
             else:
-                parts += [torch.zeros(0, device=dev)] * 4
-            totals = torch.stack([
-                self._bwd_total if self._bwd_total is not None else torch.tensor(math.nan, device=dev),
-                self._pre_total if self._pre_total is not None else torch.tensor(math.nan, device=dev),
-            ])
-            parts.append(totals.to(dev))
+                out.append(value)
+        return out
+
+    def _check(self) -> None:
+        window = self.monitor.check_every
+        n = len(self._params)
+        dev = self._device
+        with torch.no_grad():
+            parts: list[torch.Tensor] = [self._hist.flatten()]
+            extra = self._check_extra
+            parts.append(extra.flatten() if extra is not None else
+                         torch.full((2 * n,), math.nan, device=dev))
+            parts.append(self._pre_norms if self._pre_norms is not None else
+                         torch.full((n,), math.nan, device=dev))
+            inv = [s for s in self._inv_scale]
+            parts.append(torch.stack([s.to(dev).reshape(()) if s is not None else
+                                      torch.ones((), device=dev) for s in inv])
+                         if any(s is not None for s in inv) else torch.ones(window, device=dev))
+            if self._params:
+                parts.append(self._norms([p.detach() for p in self._params]))
+                if self._w0:
+                    now = self._samples()
+                    parts.append(self._norms(torch._foreach_sub(now, self._w0)))
+                    if self._snapshot is not None:
+                        parts.append(self._norms(torch._foreach_sub(now, self._snapshot)))
+                        parts.append(self._norms(self._snapshot))
             act_names = list(self._activations)
             if act_names:
-                parts.append(torch.stack([self._activations[n][1] for n in act_names]).flatten())
-            host = torch.cat([p.float().to(dev) for p in parts]).cpu().numpy().astype(float)
-        self._check_extra = self._bwd_total = self._pre_total = None
-        self._snapshot = None
-        stats = self._unpack(host, act_names)
+                parts.append(torch.stack([self._activations[a][1] for a in act_names]).flatten())
+            losses = self._loss_values(window, parts)
+            host = torch.cat([p.float().to(dev).flatten() for p in parts]).cpu().numpy()
+        host = host.astype(float)
+        has_snapshot = self._snapshot is not None
+        has_extra = self._check_extra is not None
+        self._check_extra = self._pre_norms = self._snapshot = None
+        self._inv_scale = [None] * window
+        stats = self._unpack(host, act_names, losses, has_snapshot, has_extra)
         self._activations = {}
         self.monitor.check(stats)
 
-    def _ratios(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n_layers = len(self._layers)
-        dev = self._device
-        nan = torch.full((n_layers,), math.nan, device=dev)
-        if not self._w0:
-            return nan, nan.clone()
-        now = self._samples()
-        scale = self._sample_scale
-
-        def layer_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-            n = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).to(dev)
-            return torch.zeros(n_layers, device=dev).index_add_(0, idx, n * n * scale).sqrt()
-
-        change = layer_norm(torch._foreach_sub(now, self._w0)) / layer_norm(self._w0)
-        if self._snapshot is not None:
-            ratio = layer_norm(torch._foreach_sub(now, self._snapshot)) / layer_norm(self._snapshot)
-        else:
-            ratio = nan
-        return ratio, change
-
-    def _unpack(self, host: np.ndarray, act_names: list[str]) -> StepStats:
+    def _unpack(self, host: np.ndarray, act_names: list[str], losses: list[Any],
+                has_snapshot: bool, has_extra: bool) -> StepStats:
         window = self.monitor.check_every
-        n_layers = len(self._layers)
+        n = len(self._params)
         pos = 0
 
-        def take(n: int) -> np.ndarray:
+        def take(k: int) -> np.ndarray:
             nonlocal pos
-            out = host[pos:pos + n]
-            pos += n
+            out = host[pos:pos + k]
+            pos += k
             return out
 
-        hist = take(window * n_layers).reshape(window, n_layers)
-        loss = take(window)
-        gmax, gbad, gzero = take(3 * n_layers).reshape(3, n_layers)
-        wnorm, wbad, ratio, change = (take(n_layers) for _ in range(4))
-        bwd_total, pre_total = take(2)
-        acts = take(len(act_names) * 1)
+        norms = take(window * n).reshape(window, n)
+        gmax_p, nnz_p = take(2 * n).reshape(2, n)
+        pre_p = take(n)
+        inv = take(window)
         # Rows in step order: the window's slots are step-1 modulo the window.
         steps = np.array(self._window_steps, dtype=np.int64)
         slots = (steps - 1) % window
+        last = slots[-1] if len(slots) else 0
+        with np.errstate(over="ignore", invalid="ignore"):
+            sq = norms * norms
+            grad_norm = np.sqrt(self._layer_sum(sq)) * inv[:, None]
+            gmax = np.maximum.reduceat(gmax_p, self._seg_starts) * inv[last] if n else gmax_p
+            gbad = self._layer_sum((~np.isfinite(norms[last])).astype(float))
+            gzero = 1 - self._layer_sum(nnz_p) / np.maximum(self._grad_size, 1)
+            bwd_total = math.sqrt(sq[last].sum()) * inv[last] if n else math.nan
+            pre_total = math.sqrt((pre_p * pre_p).sum()) if n else math.nan
+        wnorm = wbad = ratio = change = None
+        if n:
+            wn = take(n)
+            wnorm = np.sqrt(self._layer_sum(wn * wn))
+            wbad = self._layer_sum((~np.isfinite(wn)).astype(float))
+            if self._w0:
+                scale = self._sample_scale
+                with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                    d0 = take(n)
+                    change = np.sqrt(self._layer_sum(d0 * d0 * scale) / self._w0_sq)
+                    if has_snapshot:
+                        du, snap = take(n), take(n)
+                        ratio = np.sqrt(self._layer_sum(du * du * scale)
+                                        / self._layer_sum(snap * snap * scale))
+                    else:
+                        ratio = np.full(len(self._layers), math.nan)
+        acts = take(len(act_names))
+        loss = np.array([host[pos + x] if isinstance(x, int) else
+                         (math.nan if x is None else x) for x in losses], dtype=float)
+        has_loss = np.array([x is not None for x in losses], dtype=bool)
         if np.isfinite(bwd_total) and np.isfinite(pre_total) and bwd_total > 0:
             if pre_total < 0.999 * bwd_total:
                 self._clipping_seen = True
         ctx = self.monitor.context
         opt = self._opt_ref() if self._opt_ref is not None else None
-        ctx.model = dataclasses.replace(
-            ctx.model, learning_rates=self._learning_rates(opt) or ctx.model.learning_rates,
-            clipping=self._clipping_seen or None)
+        lrs = self._learning_rates(opt) or ctx.model.learning_rates
+        clipping = self._clipping_seen or None
+        if lrs != ctx.model.learning_rates or clipping != ctx.model.clipping:
+            ctx.model = dataclasses.replace(ctx.model, learning_rates=lrs, clipping=clipping)
         activations = {}
         for name, value in zip(act_names, acts):
             kind, _, units = self._activations[name]
@@ -554,16 +634,14 @@ class TorchWatcher:
             else:
                 activations[name] = ActivationStats(kind=kind, saturated_fraction=float(value),
                                                     units=units)
-        no_params = not self._params
         has_grad = self._has_grad[slots].copy()
         return StepStats(
-            step=self._step, layers=tuple(layer.name for layer in self._layers), steps=steps,
-            grad_norm=np.where(has_grad, hist[slots], np.nan), has_grad=has_grad, loss=loss[slots],
-            has_loss=self._has_loss[slots].copy(), grad_size=self._grad_size,
-            grad_max=gmax, grad_nonfinite=gbad, grad_zero_fraction=gzero,
-            weight_norm=None if no_params else wnorm, weight_nonfinite=None if no_params else wbad,
-            update_ratio=None if (no_params or not self._w0) else ratio,
-            weight_change=None if (no_params or not self._w0) else change,
+            step=self._step, layers=self._layer_names, steps=steps,
+            grad_norm=np.where(has_grad, grad_norm[slots], np.nan), has_grad=has_grad,
+            loss=loss[slots], has_loss=has_loss[slots], grad_size=self._grad_size,
+            grad_max=(gmax if n else np.zeros(0)) if has_extra else None, grad_nonfinite=gbad,
+            grad_zero_fraction=gzero if has_extra else None,
+            weight_norm=wnorm, weight_nonfinite=wbad, update_ratio=ratio, weight_change=change,
             activations=activations,
         )
 

@@ -9,12 +9,19 @@ the scaler skips (overflow) is not a step. Without an optimizer every backward i
 Per step the cost is one ``torch._foreach_norm`` over the gradients plus a few tiny kernels;
 check steps (every ``check_every``) add max/zero counts, weight norms and update ratios, then
 move everything to the host in one transfer.
+
+The end-of-backward callback re-queues itself once, so it runs after callbacks that others
+queued during the backward pass: DistributedDataParallel's gradient all-reduce and FSDP2's
+reduce-scatter finish there. Sharded (DTensor) parameters are measured on their local shards
+and summed over the ranks in one all-reduce per check; nothing else runs a collective.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import os
 import sys
 import weakref
 from collections.abc import Iterator
@@ -29,8 +36,23 @@ from gradwatch._context import RunContext
 from gradwatch._detectors import SATURATION_DERIVATIVE
 from gradwatch._findings import Finding, GradientHealthError
 from gradwatch._monitor import CORE_OPTIONS, Monitor
-from gradwatch._report import Report
+from gradwatch._report import Report, plain
 from gradwatch._stats import ActivationStats, LayerInfo, ModelInfo, StepStats, sample_stride
+
+from ._distributed import (
+    RANKS,
+    QuietStrictSink,
+    all_reduce_sum,
+    is_sharded,
+    local,
+    module_type,
+    rank_and_world,
+    rank_path,
+    replication,
+    unwrap,
+)
+
+logger = logging.getLogger("gradwatch")
 
 ACTIVATION_KINDS: dict[type, str] = {
     nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.ReLU: "relu", nn.ReLU6: "relu6",
@@ -52,7 +74,12 @@ RECURRENT = (nn.RNNBase, nn.RNNCellBase)
 SAMPLED = {"relu": "relu", "relu6": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
 _RESIDUAL_HINTS = ("residual", "resblock", "basicblock", "bottleneck", "skip", "shortcut")
 
-TORCH_OPTIONS = ("scaler", "update_ratio", "sample_fraction")
+TORCH_OPTIONS = ("scaler", "update_ratio", "sample_fraction", "ranks")
+# Under torch.compile module hooks are traced; this tells a hook so (torch >= 2.3).
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+# Checks between full rescans of the model's parameters (a changed optimizer parameter count
+# triggers one at once): a replaced module is found within this many checks.
+RESCAN_EVERY = 10
 
 
 def _remove_handles(handles: list[Any]) -> None:
@@ -88,6 +115,11 @@ class TorchWatcher:
             of the parameters, transiently, plus one persistent copy for the change since the
             start); ``"off"`` measures neither. Defaults to ``"sampled"``.
         sample_fraction: Fraction of elements sampled per tensor. Defaults to ``0.02``.
+        ranks: Under ``torch.distributed``, which ranks emit findings (warnings, log records,
+            the ``on_finding`` callable and the event file): ``"zero"`` (rank 0 only) or
+            ``"all"`` (rank N > 0 writes its events to ``<name>.rank<N><ext>``). Every rank
+            measures and keeps ``findings``; strict mode raises on every rank. Defaults to
+            ``"zero"``.
         **options: The core options (``check_every``, ``on_finding``, ``events``,
             ``detectors``, ``activation_every``, ``repeat_after``, ``name``, ``plugins``); see
             :class:`gradwatch.Monitor`.
@@ -95,7 +127,7 @@ class TorchWatcher:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  scaler: Any = None, update_ratio: str = "sampled", sample_fraction: float = 0.02,
-                 **options: Any) -> None:
+                 ranks: str = "zero", **options: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -110,6 +142,14 @@ class TorchWatcher:
                             f"{type(scaler).__name__}")
         self.update_ratio = v.choice("update_ratio", update_ratio, ("sampled", "exact", "off"))
         self.sample_fraction = v.fraction("sample_fraction", sample_fraction)
+        self.ranks = v.choice("ranks", ranks, RANKS)
+        #: This process's rank and the world size (0 and 1 without torch.distributed).
+        self.rank, self.world_size = rank_and_world()
+        self._emits = self.rank == 0 or self.ranks == "all"
+        events = options.get("events")
+        if self.rank != 0 and isinstance(events, (str, os.PathLike)):
+            options["events"] = rank_path(events, self.rank) if self._emits else None
+        model = unwrap(model)  # DDP / DataParallel / torch.compile: the user's own module
         self._model_ref = weakref.ref(model)
         self._opt_ref = weakref.ref(optimizer) if optimizer is not None else None
         self._scaler_ref = weakref.ref(scaler) if scaler is not None else None
@@ -118,8 +158,21 @@ class TorchWatcher:
         context = RunContext(model=self._model_info(model, optimizer),
                              layers=self._layer_infos())
         self.monitor = Monitor(context, **options)
+        if not self._emits:
+            # Findings are still kept (w.findings) and strict mode still stops this rank.
+            self.monitor.pm.unregister(name="findings")
+            if options.get("on_finding") == "raise":
+                self.monitor.pm.register(QuietStrictSink(), name="findings")
         self._handles: list[Any] = []
+        self._structure_handles: list[Any] = []
         self._removed = False
+        self._step = 0  # completed optimizer steps
+        self._cb_queued = False
+        self._requeued = False
+        self._clipping_seen = False
+        self._checks_since_scan = 0
+        self._opt_count = self._opt_param_count()
+        self._outside = self._outside_params(model)
         self._setup_buffers()
         self._attach(model, optimizer)
         self.monitor.start()
@@ -139,7 +192,7 @@ class TorchWatcher:
                     seen.add(id(p))
                     own.append(p)
             if own:
-                layers.append(_Layer(name or "(root)", type(module).__name__, own,
+                layers.append(_Layer(name or "(root)", module_type(module).__name__, own,
                                      isinstance(module, RECURRENT)))
         return layers
 
@@ -149,12 +202,14 @@ class TorchWatcher:
             w = next((p for p in layer.params if p.dim() >= 2), None)
             weights.append(w)
         gains: list[float | None] = [None] * len(weights)
-        present = [i for i, w in enumerate(weights) if w is not None and w.numel() > 1]
+        # A sharded weight's scale is estimated from this rank's shard: no collective here.
+        present = [i for i, w in enumerate(weights) if w is not None and local(w).numel() > 1]
         if present:
             with torch.no_grad():
                 vals = torch.stack([
-                    (weights[i].detach().float().std() * math.sqrt(weights[i][0].numel())).cpu()
-                    for i in present]).tolist()  # one transfer, at watch time only
+                    (local(weights[i]).detach().float().std()
+                     * math.sqrt(math.prod(weights[i].shape[1:]))).cpu()
+                    for i in present]).tolist()  # one transfer, at watch time (or a rebuild)
             for i, g in zip(present, vals):
                 gains[i] = float(g)
         return tuple(
@@ -170,16 +225,17 @@ class TorchWatcher:
         recurrent = False
         depth = 0
         for name, m in model.named_modules():
-            kind = ACTIVATION_KINDS.get(type(m))
+            cls = module_type(m)
+            kind = ACTIVATION_KINDS.get(cls)
             if kind:
                 acts.add(kind)
             if isinstance(m, nn.RNN):
                 acts.add("relu" if m.nonlinearity == "relu" else "tanh")
-            if type(m) in NORM_KINDS:
-                norms.add(NORM_KINDS[type(m)])
+            if cls in NORM_KINDS:
+                norms.add(NORM_KINDS[cls])
             if isinstance(m, RECURRENT):
                 recurrent = True
-            low = (type(m).__name__ + " " + name.rsplit(".", 1)[-1]).lower()
+            low = (cls.__name__ + " " + name.rsplit(".", 1)[-1]).lower()
             if any(h in low for h in _RESIDUAL_HINTS):
                 residual = True
             if any(p.dim() >= 2 for p in m.parameters(recurse=False)):
@@ -206,8 +262,11 @@ class TorchWatcher:
     # -- buffers -----------------------------------------------------------------------------
 
     def _setup_buffers(self) -> None:
+        """Everything that depends on the layer list (at watch time, and after a structure
+        change); the step count and what was learnt about the run are kept."""
         params = [p for layer in self._layers for p in layer.params]
         self._params = params
+        self._sharded = any(is_sharded(p) for p in params)
         self._param_ids = {id(p) for p in params}
         # Parameters are grouped by layer, in order: a layer is a contiguous run of them, so
         # per-layer sums on the host are one np.add.reduceat over these starts.
@@ -230,8 +289,6 @@ class TorchWatcher:
         self._window_steps: list[int] = []
         self._grad_size = np.add.reduceat(self._param_numel, self._seg_starts) if params else \
             np.zeros(0)
-        self._step = 0  # completed optimizer steps
-        self._cb_queued = False
         self._backward_seen = False
         self._index_cache: tuple[list[int], torch.Tensor, np.ndarray] | None = None
         self._check_extra: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -240,8 +297,6 @@ class TorchWatcher:
         self._activations: dict[str, tuple[str, torch.Tensor, int]] = {}
         self._act_calls: dict[str, int] = {}
         self._sampling = False
-        self._clipping_seen = False
-        self._structure_warned = False
         self._layer_names = tuple(layer.name for layer in self._layers)
         # Strided samples for update ratios: stride chosen per tensor, prime to avoid aliasing
         # with row lengths; the start-of-run sample gives the weight change since the start.
@@ -249,10 +304,16 @@ class TorchWatcher:
         self._sample_scale = np.ones(len(params))
         self._w0: list[torch.Tensor] = []
         self._w0_sq = np.zeros(n_layers)
+        # Sharded parameters: 1 / how many ranks hold each element, so that the sum of the
+        # ranks' squares counts every element once.
+        self._rep = None
+        if self._sharded:
+            self._rep = torch.tensor([1 / replication(p, self.world_size) for p in params],
+                                     dtype=torch.float32, device=self._device)
         if self.update_ratio != "off" and params:
             scale = []
             for p in params:
-                n = p.numel()
+                n = local(p).numel()
                 stride = sample_stride(n, self.sample_fraction, self.update_ratio == "exact")
                 self._strides.append(stride)
                 k = len(range(0, n, stride))
@@ -260,12 +321,31 @@ class TorchWatcher:
             self._sample_scale = np.array(scale)
             with torch.no_grad():
                 self._w0 = [s.clone() for s in self._samples()]
+                if self._sharded:
+                    # Each rank's samples are rescaled to its own shard before the ranks'
+                    # squares are summed; the start-of-run total is summed at the first check.
+                    self._scale_dev = torch.tensor(scale, dtype=torch.float32,
+                                                   device=self._device) * self._rep
+                    w0n = self._norms(self._w0)
+                    self._w0_sq_dev = w0n * w0n * self._scale_dev
+                    self._sample_scale = np.ones(len(params))
+                    self._w0_sq = np.full(n_layers, math.nan)
+                    return
                 w0n = torch.stack([n.to(self._device) for n in torch._foreach_norm(
                     self._w0, 2, dtype=torch.float32)]).cpu().numpy().astype(float)
             self._w0_sq = self._layer_sum(w0n * w0n * self._sample_scale)
 
     def _samples(self) -> list[torch.Tensor]:
+        if self._sharded:
+            return [local(p.detach()).reshape(-1)[::s] for p, s in zip(self._params,
+                                                                       self._strides)]
         return [p.detach().reshape(-1)[::s] for p, s in zip(self._params, self._strides)]
+
+    def _grads(self) -> list[Any]:
+        """The parameters' gradients (a sharded gradient's local shard)."""
+        if self._sharded:
+            return [local(p.grad) for p in self._params]
+        return [p.grad for p in self._params]
 
     def _layer_sum(self, per_param: np.ndarray) -> np.ndarray:
         """Per-layer sums of a per-parameter array (last axis)."""
@@ -284,6 +364,31 @@ class TorchWatcher:
 
     def _attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         ref = weakref.ref(self)  # hooks live on the model; they must not keep the watcher alive
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_pre_hook(
+                lambda opt, args, kwargs: ref() and ref()._guard(ref()._on_pre_step)))
+            self._handles.append(optimizer.register_step_post_hook(
+                lambda opt, args, kwargs: ref() and ref()._guard(ref()._on_post_step)))
+        self._attach_params()
+        self._attach_modules(model)
+
+    def _hold(self, handle: Any) -> None:
+        """Keep a hook that belongs to the model's current structure (redone when it changes)."""
+        self._handles.append(handle)
+        self._structure_handles.append(handle)
+
+    def _detach_structure(self, params_only: bool = False) -> None:
+        drop = self._param_handles if params_only else self._structure_handles
+        gone = {id(h) for h in drop}
+        for handle in drop:
+            handle.remove()
+        # In place: the finalizer holds this very list.
+        self._handles[:] = [h for h in self._handles if id(h) not in gone]
+        self._structure_handles[:] = [h for h in self._structure_handles if id(h) not in gone]
+        self._param_handles = []
+
+    def _attach_params(self) -> None:
+        ref = weakref.ref(self)
 
         def on_grad(_param: torch.Tensor) -> None:
             w = ref()
@@ -291,26 +396,41 @@ class TorchWatcher:
                 w._cb_queued = True
                 torch.autograd.Variable._execution_engine.queue_callback(w._on_backward_end)
 
+        self._param_handles = []
+        self._hooked = set()
         for p in self._params:
-            if p.requires_grad:
-                self._handles.append(p.register_post_accumulate_grad_hook(on_grad))
-        if optimizer is not None:
-            self._handles.append(optimizer.register_step_pre_hook(
-                lambda opt, args, kwargs: ref() and ref()._guard(ref()._on_pre_step)))
-            self._handles.append(optimizer.register_step_post_hook(
-                lambda opt, args, kwargs: ref() and ref()._guard(ref()._on_post_step)))
-        sites = [(name, SAMPLED[ACTIVATION_KINDS[type(m)]], m) for name, m in model.named_modules()
-                 if ACTIVATION_KINDS.get(type(m)) in SAMPLED]
+            if p.requires_grad:  # a frozen tensor cannot take the hook; see _rescan
+                handle = p.register_post_accumulate_grad_hook(on_grad)
+                self._hold(handle)
+                self._param_handles.append(handle)
+                self._hooked.add(id(p))
+
+    def _attach_modules(self, model: nn.Module) -> None:
+        ref = weakref.ref(self)
+        sites = [(name, SAMPLED[ACTIVATION_KINDS[module_type(m)]], m)
+                 for name, m in model.named_modules()
+                 if ACTIVATION_KINDS.get(module_type(m)) in SAMPLED]
         if sites and self.monitor.activation_every is not None:
-            self._handles.append(model.register_forward_pre_hook(
-                lambda mod, args: ref() and ref()._act_calls.clear()))
+            # Under torch.compile the hooks are traced: they return at once, so the compiled
+            # graph holds no gradwatch op and no guard on the watcher's sampling flag (which
+            # would recompile every time it flips). Sampling then happens in eager mode only.
+            def on_forward_pre(mod, args):
+                if _is_compiling():
+                    return
+                w = ref()
+                if w is not None:
+                    w._act_calls.clear()
+
+            self._hold(model.register_forward_pre_hook(on_forward_pre))
             for name, kind, m in sites:
                 def on_forward(mod, args, out, name=name, kind=kind):
+                    if _is_compiling():
+                        return
                     w = ref()
                     if w is not None and w._sampling and torch.is_grad_enabled():
                         w._guard(w._sample_activation, name, kind, out)
-                self._handles.append(m.register_forward_hook(on_forward))
-        self._sampling = self.monitor.is_activation_step(1)
+                self._hold(m.register_forward_hook(on_forward))
+        self._sampling = self.monitor.is_activation_step(self._step + 1)
 
     def _guard(self, fn, *args) -> None:
         """Run a hook body; gradwatch's own failures are reported once and training goes on."""
@@ -322,6 +442,16 @@ class TorchWatcher:
             self.monitor.internal_error(f"torch adapter ({fn.__name__})", exc)
 
     def _on_backward_end(self) -> None:
+        if not self._requeued:
+            # Once more to the back of the queue: callbacks queued during the backward pass
+            # (DDP's all-reduce, FSDP2's reduce-scatter) finish before gradients are read.
+            self._requeued = True
+            try:
+                torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+                return
+            except RuntimeError:  # not inside a backward pass after all: read them now
+                pass
+        self._requeued = False
         self._cb_queued = False
         self._guard(self._record_backward)
 
@@ -356,7 +486,7 @@ class TorchWatcher:
         return torch.stack(norms)
 
     def _record_backward(self) -> None:
-        grads = [p.grad for p in self._params]
+        grads = self._grads()
         slot = self._step % self.monitor.check_every
         row = self._hist[slot]
         present = self._present(grads)
@@ -457,7 +587,7 @@ class TorchWatcher:
                 self._snapshot = [s.clone() for s in self._samples()]
             # The gradients the optimizer is about to apply (after any clipping, unscaled):
             # compared with the end of backward, they tell whether the user clips.
-            grads = [p.grad for p in self._params]
+            grads = self._grads()
             present = self._present(grads)
             if present is None:
                 self._pre_norms = self._norms(grads) if grads else None
@@ -507,6 +637,7 @@ class TorchWatcher:
         if self.monitor.is_check_step(self._step):
             self._guard(self._check)
             self._window_steps = []
+            self._guard(self._structure_check)
         self._sampling = self.monitor.is_activation_step(self._step + 1)
         if self._act_calls:
             self._act_calls.clear()
@@ -537,30 +668,39 @@ class TorchWatcher:
         n = len(self._params)
         dev = self._device
         with torch.no_grad():
-            parts: list[torch.Tensor] = [self._hist.flatten()]
-            extra = self._check_extra
+            hist, extra, pre = self._hist, self._check_extra, self._pre_norms
+            wn = d0 = du = snap = w0_sq = None
+            if self._params:
+                wn = self._norms([local(p.detach()) if self._sharded else p.detach()
+                                  for p in self._params])
+                if self._w0:
+                    now = self._samples()
+                    d0 = self._norms(torch._foreach_sub(now, self._w0))
+                    if self._snapshot is not None:
+                        du = self._norms(torch._foreach_sub(now, self._snapshot))
+                        snap = self._norms(self._snapshot)
+            if self._sharded:
+                hist, extra, pre, wn, d0, du, snap, w0_sq = self._sum_over_ranks(
+                    hist, extra, pre, wn, d0, du, snap)
+            parts: list[torch.Tensor] = [hist.flatten()]
             parts.append(extra.flatten() if extra is not None else
                          torch.full((2 * n,), math.nan, device=dev))
-            parts.append(self._pre_norms if self._pre_norms is not None else
-                         torch.full((n,), math.nan, device=dev))
+            parts.append(pre if pre is not None else torch.full((n,), math.nan, device=dev))
             inv = [s for s in self._inv_scale]
             parts.append(torch.stack([s.to(dev).reshape(()) if s is not None else
                                       torch.ones((), device=dev) for s in inv])
                          if any(s is not None for s in inv) else torch.ones(window, device=dev))
-            if self._params:
-                parts.append(self._norms([p.detach() for p in self._params]))
-                if self._w0:
-                    now = self._samples()
-                    parts.append(self._norms(torch._foreach_sub(now, self._w0)))
-                    if self._snapshot is not None:
-                        parts.append(self._norms(torch._foreach_sub(now, self._snapshot)))
-                        parts.append(self._norms(self._snapshot))
+            parts.extend(t for t in (wn, d0, du, snap) if t is not None)
             act_names = list(self._activations)
             if act_names:
                 parts.append(torch.stack([self._activations[a][1] for a in act_names]).flatten())
             losses = self._loss_values(window, parts)
+            if w0_sq is not None:
+                parts.append(w0_sq)  # last: read before the rest is unpacked
             host = torch.cat([p.float().to(dev).flatten() for p in parts]).cpu().numpy()
         host = host.astype(float)
+        if w0_sq is not None:
+            self._w0_sq = self._layer_sum(host[-n:])
         has_snapshot = self._snapshot is not None
         has_extra = self._check_extra is not None
         self._check_extra = self._pre_norms = self._snapshot = None
@@ -568,6 +708,53 @@ class TorchWatcher:
         stats = self._unpack(host, act_names, losses, has_snapshot, has_extra)
         self._activations = {}
         self.monitor.check(stats)
+
+    def _sum_over_ranks(self, hist: torch.Tensor, extra: torch.Tensor | None,
+                        pre: torch.Tensor | None, *norms: torch.Tensor | None) -> tuple:
+        """Sharded parameters: the ranks' per-parameter statistics of their shards become the
+        whole tensors' in ONE all-reduce (sums of squares; max |g| by a per-rank row).
+
+        The layout depends only on the step and the watcher's settings, never on what this
+        rank happened to see, so every rank contributes a buffer of the same size.
+        """
+        n = len(self._params)
+        dev = self._device
+        rep = self._rep
+        wn, d0, du, snap = norms
+        missing = torch.full((n,), math.nan, device=dev)
+
+        def sq(t: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+            return t * t * scale if t is not None else missing
+
+        blocks = [(hist * hist * rep).flatten(), sq(pre, rep),
+                  extra[1] * rep if extra is not None else missing]
+        if wn is not None:
+            blocks.append(sq(wn, rep))
+        if d0 is not None:
+            scale = self._scale_dev
+            blocks += [sq(d0, scale), sq(du, scale), sq(snap, scale), self._w0_sq_dev]
+        detail = self._is_detail_step(self._step)
+        if detail:
+            gmax = torch.zeros((self.world_size, n), device=dev)
+            gmax[self.rank] = extra[0] if extra is not None else missing
+            blocks.append(gmax.flatten())
+        buf = torch.cat(blocks)
+        all_reduce_sum(buf)
+        out = list(torch.split(buf, [b.numel() for b in blocks]))
+        hist = out.pop(0).sqrt().reshape(hist.shape)
+        pre_all = out.pop(0).sqrt()
+        nnz = out.pop(0)
+        wn_all = out.pop(0).sqrt() if wn is not None else None
+        d0_all = du_all = snap_all = w0_sq = None
+        if d0 is not None:
+            d0_all, du_all, snap_all = (out.pop(0).sqrt() for _ in range(3))
+            w0_sq = out.pop(0)
+        if extra is not None:
+            gmax_all = out.pop(0).reshape(self.world_size, n).amax(0) if detail else extra[0]
+            extra = torch.stack([gmax_all, nnz])
+        return (hist, extra, pre_all if pre is not None else None, wn_all, d0_all,
+                du_all if du is not None else None, snap_all if snap is not None else None,
+                w0_sq)
 
     def _unpack(self, host: np.ndarray, act_names: list[str], losses: list[Any],
                 has_snapshot: bool, has_extra: bool) -> StepStats:
@@ -665,6 +852,82 @@ class TorchWatcher:
                 units = y.shape[1 if y.dim() != 3 else -1]
                 value = ((1 - y * y) < SATURATION_DERIVATIVE).float().mean()
         self._activations[site] = (kind, value.to(self._device), int(units))
+
+    # -- structure changes -------------------------------------------------------------------
+
+    def _opt_param_count(self) -> int:
+        opt = self._opt_ref() if self._opt_ref is not None else None
+        if opt is None:
+            return 0
+        return sum(len(group["params"]) for group in opt.param_groups)
+
+    def _outside_params(self, model: nn.Module) -> int:
+        """How many of the optimizer's tensors are not parameters of the model."""
+        opt = self._opt_ref() if self._opt_ref is not None else None
+        if opt is None:
+            return 0
+        mine = {id(p) for p in model.parameters()}
+        return sum(1 for group in opt.param_groups for p in group["params"] if id(p) not in mine)
+
+    def _structure_check(self) -> None:
+        """After a check: has the model changed since watch()? Cheap by construction: the
+        optimizer's parameter count every check, a full rescan every ``RESCAN_EVERY`` checks or
+        when that count changed."""
+        self._checks_since_scan += 1
+        count = self._opt_param_count()
+        if count == self._opt_count and self._checks_since_scan < RESCAN_EVERY:
+            return
+        self._opt_count = count
+        self._checks_since_scan = 0
+        model = self._model_ref()
+        if model is not None:
+            self._rescan(model)
+
+    def _rescan(self, model: nn.Module) -> None:
+        layers = self._collect_layers(model)
+        before = [(layer.name, [id(p) for p in layer.params]) for layer in self._layers]
+        now = [(layer.name, [id(p) for p in layer.params]) for layer in layers]
+        outside = self._outside_params(model)
+        changes = []
+        if now != before:
+            old = {name: ids for name, ids in before}
+            new = {name: ids for name, ids in now}
+            added = [name for name in new if name not in old]
+            removed = [name for name in old if name not in new]
+            changed = [name for name in new if name in old and new[name] != old[name]]
+            for label, names in (("added", added), ("replaced", changed), ("removed", removed)):
+                if names:
+                    shown = ", ".join(f"'{plain(x)}'" for x in names[:5])
+                    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+                    changes.append(f"layers {label}: {shown}{more}")
+            self._restructure(model, layers)
+        elif {id(p) for p in self._params if p.requires_grad} != self._hooked:
+            # Unfrozen (or frozen) parameters: same layers, only the gradient hooks change.
+            before_n = len(self._hooked)
+            self._detach_structure(params_only=True)
+            self._attach_params()
+            changes.append(f"tensors with gradients: {before_n} -> {len(self._hooked)}")
+        if outside != self._outside:
+            self._outside = outside
+            if outside:
+                changes.append(f"the optimizer holds {outside} tensor(s) that are not "
+                               f"parameters of the model; they are not watched")
+        if changes and self._emits:
+            logger.info("gradwatch: the model changed at step %d (%s); watching %d layers from "
+                        "now on.", self._step, "; ".join(changes), len(self._layers))
+
+    def _restructure(self, model: nn.Module, layers: list[_Layer]) -> None:
+        """New layer list: hooks moved to the current parameters, buffers and per-layer
+        statistics restarted, detectors rebound. Runs right after a check (an empty window)."""
+        self._detach_structure()
+        self._layers = layers
+        self._setup_buffers()
+        self._attach_params()
+        self._attach_modules(model)
+        opt = self._opt_ref() if self._opt_ref is not None else None
+        info = self._model_info(model, opt)
+        info = dataclasses.replace(info, clipping=self._clipping_seen or None)
+        self.monitor.set_context(RunContext(model=info, layers=self._layer_infos()))
 
     # -- public API --------------------------------------------------------------------------
 

@@ -1,0 +1,130 @@
+"""What the torch watcher needs to know about wrappers, ranks and sharded (DTensor) parameters.
+
+Nothing here runs a collective except :func:`all_reduce_sum`, which the watcher calls once per
+check and only when a watched parameter is sharded (FSDP2 / DTensor).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradwatch._findings import Finding, GradientHealthError
+from gradwatch._hookspecs import hookimpl
+
+RANKS = ("zero", "all")
+
+
+def _dtensor_type() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # older torch: no public DTensor
+        return None
+    return DTensor
+
+
+#: ``torch.distributed.tensor.DTensor``, or None where torch has no distributed support.
+DTensor = _dtensor_type()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module whose layers are the user's: under ``torch.compile``'s ``OptimizedModule``,
+    ``DistributedDataParallel`` and ``DataParallel`` (their names would otherwise gain a
+    ``_orig_mod.`` or ``module.`` prefix and differ from a plain run's)."""
+    wrappers: list[type] = [nn.DataParallel]
+    if torch.distributed.is_available():
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrappers.append(DistributedDataParallel)
+    for _ in range(8):  # compile(DDP(model)), DDP(compile(model)), ...
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+            model = inner
+        elif isinstance(model, tuple(wrappers)) and isinstance(model.module, nn.Module):
+            model = model.module
+        else:
+            break
+    return model
+
+
+def module_type(module: nn.Module) -> type:
+    """The user's class of a module: FSDP2's ``fully_shard`` swaps it for a subclass named
+    ``FSDP<Class>`` in place; its own class is the next one in the MRO."""
+    cls = type(module)
+    if torch.distributed.is_available() and cls.__name__.startswith("FSDP"):
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:
+            return cls
+        for base in cls.__mro__[1:]:
+            if not issubclass(base, FSDPModule):
+                return base
+    return cls
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size: from the default process group when it is
+    initialised, else from torchrun's ``RANK``/``WORLD_SIZE`` variables, else (0, 1)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    try:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        return 0, 1
+
+
+def rank_path(path: str | os.PathLike, rank: int) -> str:
+    """``run.jsonl`` -> ``run.rank1.jsonl`` (``run`` -> ``run.rank1``): one file per rank."""
+    path = os.fspath(path)
+    head, tail = os.path.split(path)
+    stem, ext = os.path.splitext(tail)
+    return os.path.join(head, f"{stem}.rank{rank}{ext}")
+
+
+def is_sharded(tensor: Any) -> bool:
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def local(tensor: Any) -> Any:
+    """A DTensor's local shard (a plain tensor); anything else as it is."""
+    if DTensor is not None and isinstance(tensor, DTensor):
+        return tensor.to_local()
+    return tensor
+
+
+def replication(tensor: Any, world: int) -> float:
+    """How many ranks of the default group hold each element of ``tensor``: summing a
+    per-rank sum of squares over all ranks counts every element this many times.
+
+    A plain tensor is replicated on every rank (DDP, or a parameter FSDP left alone); a DTensor
+    on a mesh of ``m`` ranks is repeated ``world / m`` times, times the size of every mesh
+    dimension it is replicated over (HSDP's replicate dimension)."""
+    if not is_sharded(tensor):
+        return float(world)
+    from torch.distributed.tensor import Replicate
+
+    mesh = tensor.device_mesh
+    times = world / max(mesh.size(), 1)
+    for dim, placement in enumerate(tensor.placements):
+        if isinstance(placement, Replicate):
+            times *= mesh.size(dim)
+    return float(times)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> None:
+    """Sum ``tensor`` over every rank of the default process group, in place."""
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+
+
+class QuietStrictSink:
+    """Strict mode on a rank that does not emit: raises, and says nothing."""
+
+    @hookimpl
+    def gradwatch_finding(self, finding: Finding) -> None:
+        raise GradientHealthError(finding)

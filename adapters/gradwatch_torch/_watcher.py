@@ -675,10 +675,17 @@ class TorchWatcher:
                                   for p in self._params])
                 if self._w0:
                     now = self._samples()
-                    d0 = self._norms(torch._foreach_sub(now, self._w0))
+                    if self.update_ratio == "exact":
+                        # One tensor at a time: the transient is the largest tensor, not a
+                        # second copy of the model.
+                        d0 = self._norms([torch.linalg.vector_norm(a - b) for a, b in
+                                          zip(now, self._w0)])
+                    else:
+                        d0 = self._norms(torch._foreach_sub(now, self._w0))
                     if self._snapshot is not None:
-                        du = self._norms(torch._foreach_sub(now, self._snapshot))
                         snap = self._norms(self._snapshot)
+                        torch._foreach_sub_(self._snapshot, now)  # in place: no third copy
+                        du = self._norms(self._snapshot)
             if self._sharded:
                 hist, extra, pre, wn, d0, du, snap, w0_sq = self._sum_over_ranks(
                     hist, extra, pre, wn, d0, du, snap)

@@ -6,19 +6,23 @@ duration of ``fit`` (and restores them at the end):
 * ``scale_loss(loss)`` — every backend's train step passes the batch loss through it: the loss
   is recorded there (not the running mean ``logs`` shows);
 * ``apply(grads, variables)`` — gradients arrive after the backward pass and before the
-  optimizer's own clipping; per-layer statistics are computed there with the backend's ops.
+  optimizer's own clipping; per-variable statistics are computed there with the backend's ops.
 
-In graph mode (TensorFlow ``tf.function``, with or without XLA) the statistics are written into
-one non-trainable state variable by ops inside the graph, gated by the optimizer's iteration
-counter; the host reads that variable once per check, in ``on_train_batch_end``. In eager mode
-(the PyTorch backend, ``run_eagerly=True``) the same numbers are kept as device tensors and
-gated by a host counter. Either way: no second forward/backward pass, no ``run_eagerly``, and one
-device-to-host transfer per check.
+The device computes per-variable numbers only (squared gradient norms every step; max |g|,
+weight norms and update sizes on check steps); the host sums them into per-layer numbers with
+numpy, once per check, after the one device-to-host transfer.
+
+In graph mode (TensorFlow ``tf.function``, with or without XLA) a step writes one row of a ring
+buffer (one scatter op); check-step work sits under a ``tf.cond`` on the optimizer's iteration
+counter; the host reads the state variables once per check, in ``on_train_batch_end``. Under a
+``tf.distribute`` strategy the state variables are per replica (``ON_READ``, summed when read),
+the gradient statistics are those of the all-reduced gradient and are written by the first
+replica only. In eager mode (the PyTorch backend, ``run_eagerly=True``) the same numbers are
+kept as device tensors and gated by a host counter.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import threading
@@ -63,6 +67,41 @@ def _is_tracing() -> bool:
     return keras.backend.backend() == "jax"
 
 
+def _replica() -> tuple[int, int]:
+    """(replica id, replicas in sync) of the running step: (0, 1) outside tf.distribute."""
+    if keras.backend.backend() != "tensorflow":
+        return 0, 1
+    import tensorflow as tf
+
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return 0, 1
+    rid = tf.get_static_value(ctx.replica_id_in_sync_group)
+    return (int(rid) if rid is not None else 0), int(ctx.num_replicas_in_sync)
+
+
+def _all_reduce(op: str, values: Any) -> Any:
+    """Sum or mean over the replicas of the running tf.distribute step (all must call it)."""
+    import tensorflow as tf
+
+    return tf.distribute.get_replica_context().all_reduce(getattr(tf.distribute.ReduceOp, op),
+                                                          values)
+
+
+def _reachable(t: Any) -> bool:
+    """A tensor recorded earlier in this trace (the loss, an activation) can be used here: it
+    belongs to the graph being built or to one it is nested in (a cond branch, a loop body)."""
+    import tensorflow as tf
+
+    graph = getattr(t, "graph", None)
+    g = tf.compat.v1.get_default_graph()
+    while g is not None:
+        if graph is g:
+            return True
+        g = getattr(g, "outer_graph", None)
+    return False
+
+
 def _dense(g: Any) -> Any:
     # TensorFlow hands embeddings IndexedSlices; their values carry the gradient's entries.
     if type(g).__name__ == "IndexedSlices":
@@ -74,37 +113,92 @@ def _dense(g: Any) -> Any:
     return g
 
 
-@dataclasses.dataclass
-class _Layout:
-    """Offsets of the pieces inside the flat state vector."""
+def _f32(t: Any) -> Any:
+    import tensorflow as tf
 
-    window: int
-    layers: int
-    sites: int
+    t = tf.convert_to_tensor(t)
+    return t if t.dtype == tf.float32 else tf.cast(t, tf.float32)
 
-    @property
-    def hist(self) -> int:
-        return 0
 
-    @property
-    def loss(self) -> int:
-        return self.window * self.layers
+class _GraphState:
+    """The one TensorFlow variable graph mode writes, read whole once per check.
 
-    @property
-    def steps(self) -> int:
-        return self.loss + self.window
+    A float32 matrix ``K = V + 2`` wide (V watched variables). Rows ``0..window-1`` are a ring
+    buffer, one row per step: half squared gradient norm per variable (``tf.nn.l2_loss``, one op
+    each), the batch loss, the step id. Below them, blocks written on check steps: ``gmax``
+    (max |g| per variable), ``weights`` (half squared norms per variable of the weights, the
+    sampled update and the sampled change since the start, then the step id) and, on activation
+    steps, ``acts`` (one value per activation site, then the step id). One variable, so that a
+    check's read is one op and one device-to-host copy.
 
-    @property
-    def extras(self) -> int:  # gmax, gbad, wnorm, wbad, ratio, change (L each) + step
-        return self.steps + self.window
+    Under a tf.distribute strategy it is ``ON_READ`` with ``SUM`` aggregation: every replica
+    writes its own copy and reading sums them. The first replica writes the gradient and weight
+    numbers (of the all-reduced gradient, the same on every replica) and the step ids, the
+    others zeros; every replica writes its loss (Keras has divided it by the number of replicas,
+    so the sum is the global batch's loss) and its activations (the host divides those by the
+    number of replicas).
+    """
 
-    @property
-    def extras_size(self) -> int:
-        return 6 * self.layers + 1
+    def __init__(self, strategy: Any, replicas: int, window: int, n_vars: int,
+                 n_sites: int) -> None:
+        import tensorflow as tf
 
-    @property
-    def size(self) -> int:
-        return self.extras + self.extras_size
+        self.window, self.width = window, n_vars + 2
+        self.blocks: dict[str, tuple[int, int]] = {}  # name -> (first row, length)
+        rows = window
+        for name, size in (("gmax", n_vars), ("weights", 4 * n_vars + 1), ("acts", n_sites + 1)):
+            self.blocks[name] = (rows, size)
+            rows += -(-size // self.width)
+        kwargs: dict[str, Any] = {}
+        if replicas > 1:
+            kwargs = {"synchronization": tf.VariableSynchronization.ON_READ,
+                      "aggregation": tf.VariableAggregation.SUM}
+        with strategy.scope():
+            self.var = tf.Variable(tf.zeros((rows, self.width), tf.float32), trainable=False,
+                                   name="gradwatch_state", **kwargs)
+        self.local = (tuple(strategy.experimental_local_results(self.var)) if replicas > 1
+                      else (self.var,))
+
+    def write_row(self, rid: int, slot: Any, row: Any) -> None:
+        import tensorflow as tf
+
+        tf.raw_ops.ResourceScatterUpdate(resource=self.local[rid].handle, indices=slot,
+                                         updates=row)
+
+    def write(self, name: str, rid: int, values: Any) -> None:
+        import tensorflow as tf
+
+        first, size = self.blocks[name]
+        rows = -(-size // self.width)
+        pad = rows * self.width - size
+        if pad:
+            values = tf.concat([values, tf.zeros((pad,))], 0)
+        tf.raw_ops.ResourceScatterUpdate(
+            resource=self.local[rid].handle, indices=np.arange(first, first + rows),
+            updates=tf.reshape(values, (rows, self.width)))
+
+    def read(self) -> np.ndarray:
+        """Everything, summed over replicas: one read, one device-to-host copy."""
+        return np.asarray(self.var.value(), dtype=float)
+
+    def block(self, host: np.ndarray, name: str) -> np.ndarray:
+        first, size = self.blocks[name]
+        return host[first:].reshape(-1)[:size]
+
+    def nbytes(self) -> int:
+        return 4 * int(np.prod(self.var.shape))
+
+
+#: What the wrapped ``apply`` gets back when the statistics are taken in Keras' all-reduce.
+_CAPTURED = object()
+
+
+class _Capture:
+    """Per-trace hand-over from the wrapped all-reduce back to the wrapped ``apply``."""
+
+    def __init__(self, graph: Any) -> None:
+        self.graph = graph
+        self.before: Any = None
 
 
 class GradWatchCallback(keras.callbacks.Callback):
@@ -128,7 +222,7 @@ class GradWatchCallback(keras.callbacks.Callback):
     ```
     """
 
-    #: Batch-end work is a lock-protected read of one state variable; every step's numbers
+    #: Batch-end work is a lock-protected read of the state variables; every step's numbers
     #: carry their own step id, so Keras may dispatch it asynchronously.
     async_safe = True
 
@@ -144,9 +238,12 @@ class GradWatchCallback(keras.callbacks.Callback):
         #: The framework-neutral engine (findings, report, sinks).
         self.monitor = Monitor(empty_context(), **options)
         self._lock = threading.Lock()
+        #: Per-thread trace state (tf.distribute traces each replica's step in its own thread).
+        self._tls = threading.local()
         self._installed: list[tuple[Any, str]] = []
         self._wrapped_layers: list[tuple[Any, str, Any]] = []
         self._active = False
+        self._graph: _GraphState | None = None
 
     # -- Keras hooks -------------------------------------------------------------------------
 
@@ -170,9 +267,10 @@ class GradWatchCallback(keras.callbacks.Callback):
             return
         step = self._epoch_base + int(batch) + 1
         self._last_host_step = step
-        if self._traced_present is None:
-            return  # eager mode checks inside the training step itself (see _after_apply)
-        if step // self.monitor.check_every > self._checked_upto // self.monitor.check_every:
+        if not self._traced:
+            return  # eager mode checks inside the training step itself (see _eager_after)
+        every = self._check_every
+        if step // every > self._checked_upto // every:
             self._checked_upto = step
             with self._lock:
                 try:
@@ -216,6 +314,11 @@ class GradWatchCallback(keras.callbacks.Callback):
         """Per-layer table and findings; ``str()`` renders it."""
         return self.monitor.report()
 
+    def extra_memory_bytes(self) -> int:
+        """Bytes held between steps: start-of-run weight samples and the state variables."""
+        held = sum(int(np.prod(t.shape)) * 4 for t in self._w0)
+        return held + (self._graph.nbytes() if self._graph is not None else 0)
+
     # -- setup -------------------------------------------------------------------------------
 
     def _begin(self) -> None:
@@ -226,35 +329,55 @@ class GradWatchCallback(keras.callbacks.Callback):
         self._uninstall()
         self._backend = keras.backend.backend()
         self._inner = getattr(optimizer, "inner_optimizer", optimizer)
-        self._loss_scaled = optimizer is not self._inner
         self._optimizer = optimizer
         self._build_layers(model)
         self.monitor.set_context(RunContext(model=self._model_info(model, optimizer),
                                             layers=tuple(self._layer_infos())))
         self.monitor.reset()
         self.monitor.start()
+        self._check_every = self.monitor.check_every
         # Room for more than one check's steps: with asynchronous batch-end dispatch the read
         # may run a step or two behind training.
-        window = 2 * self.monitor.check_every + 4
-        L = len(self._layer_names)
-        self._layout = _Layout(window, L, 0)
+        self._window = 2 * self._check_every + 4
         self._sites: list[tuple[str, str, int]] = []  # name, kind, units
         self._prepare_samples()
         self._wrap_activations(model)
-        self._layout = _Layout(window, L, len(self._sites))
-        # Graph mode: one flat state vector, written in the train step, read once per check.
-        init = np.full(self._layout.size, np.nan, dtype="float32")
-        self._state = keras.Variable(init, trainable=False, dtype="float32",
-                                     name="gradwatch_state")
-        self._act_state = keras.Variable(np.full(max(len(self._sites), 1) + 1, np.nan, "float32"),
-                                         trainable=False, dtype="float32",
-                                         name="gradwatch_activations")
-        self._pending_loss = keras.Variable(np.float32(np.nan), trainable=False, dtype="float32",
-                                            name="gradwatch_loss")
+        self._strategy = getattr(model, "distribute_strategy", None)
+        self._replicas = 1
+        if self._backend == "tensorflow" and self._strategy is not None:
+            self._replicas = int(self._strategy.num_replicas_in_sync)
+        # Under tf.distribute the wrapped apply sees one replica's gradient; the statistics are
+        # of the all-reduced one. Keras reduces after clipping, so gradwatch takes Keras' own
+        # reduction only where nothing clips or accumulates between apply and the reduction
+        # (free); otherwise it reduces the gradients once more itself (one more all-reduce).
+        self._dist_mode = None
+        if self._replicas > 1:
+            clips = any(getattr(self._inner, a, None) for a in ("clipnorm", "global_clipnorm",
+                                                                "clipvalue"))
+            own = clips or getattr(self._inner, "gradient_accumulation_steps", None) or \
+                getattr(model, "run_eagerly", False) or \
+                not hasattr(self._inner, "_all_reduce_sum_gradients")
+            self._dist_mode = "all_reduce" if own else "keras"
+        # A static loss_scale_factor is divided out inside apply; gradients taken before that
+        # are divided on the host. Keras' reduction sees them already divided.
+        scale = getattr(self._inner, "loss_scale_factor", None)
+        self._grad_scale = None if (scale is None or self._dist_mode == "keras") else float(scale)
+        self._graph = None
+        if self._backend == "tensorflow":
+            self._graph = _GraphState(self._strategy, self._replicas, self._window,
+                                      len(self._vars), len(self._sites))
+        self._traced = False
+        self._traced_present = np.zeros(len(self._vars), dtype=bool)
+        self._traced_loss = False
+        # What the step being traced recorded, by replica: the loss and the activation sites'
+        # outputs (under a LossScaleOptimizer, tf.distribute calls apply from other threads
+        # than the forward pass's).
+        self._traced_losses: dict[int, Any] = {}
+        self._traced_acts: dict[int, dict[int, Any]] = {}
         # Eager mode: device tensors per step, a host step counter.
-        self._eager_rows: dict[int, tuple[int, Any, Any]] = {}
+        self._eager_rows: dict[int, tuple[int, tuple[int, ...], Any, Any]] = {}
         self._eager_extras: Any = None
-        self._eager_acts: dict[str, Any] = {}
+        self._eager_acts: dict[int, Any] = {}
         self._eager_loss: Any = None
         self._eager_step = int(ops.convert_to_numpy(self._inner.iterations))
         self._start_iter = self._eager_step
@@ -262,7 +385,8 @@ class GradWatchCallback(keras.callbacks.Callback):
         self._last_host_step = 0
         self._checked_upto = 0
         self._last_seen_step = self._start_iter
-        self._traced_present: list[bool] | None = None
+        self._last_act_step = self._start_iter
+        self._act_due = self._eager_act_due(self._eager_step + 1)
         self._install(optimizer)
         self._active = True
 
@@ -345,28 +469,46 @@ class GradWatchCallback(keras.callbacks.Callback):
                          optimizer=type(self._inner).__name__, clipping=clipping or None)
 
     def _prepare_samples(self) -> None:
-        self._strides: dict[int, int] = {}
-        self._scale: dict[int, float] = {}
-        self._w0: dict[int, Any] = {}
-        if self.update_ratio == "off":
+        V = len(self._vars)
+        self._var_index: dict[int, int] = {}
+        for i, w in enumerate(self._vars):
+            self._var_index[id(w)] = i
+            if self._backend == "tensorflow":
+                self._var_index[id(w.value)] = i  # what the distributed update passes on
+        seg = np.array([self._var_layer[id(w)] for w in self._vars], dtype=np.int64)
+        # Variables sorted by layer, and where each layer starts: per-layer sums on the host are
+        # one np.add.reduceat (every layer owns at least one variable).
+        self._order = np.argsort(seg, kind="stable")
+        self._starts = np.flatnonzero(np.r_[True, np.diff(seg[self._order]) != 0]) if V else seg
+        self._strides: list[int] = []
+        self._sample_scale = np.ones(V)
+        self._w0: list[Any] = []
+        self._w0_sq = np.full(V, np.nan)
+        if self.update_ratio == "off" or not V:
             return
-        for w in self._vars:
+        for i, w in enumerate(self._vars):
             n = int(np.prod(w.shape))
             stride = sample_stride(n, self.sample_fraction, self.update_ratio == "exact")
-            self._strides[id(w)] = stride
-            self._scale[id(w)] = n / max(len(range(0, n, stride)), 1)
-            # A copy: on the PyTorch backend the strided sample is a view of the live variable.
-            self._w0[id(w)] = ops.multiply(ops.convert_to_tensor(self._sample(w)), 1.0)
+            self._strides.append(stride)
+            self._sample_scale[i] = n / max(len(range(0, n, stride)), 1)
+        # Copies: on the PyTorch backend the strided sample is a view of the live variable.
+        self._w0 = [self._copy(self._sample(w, i)) for i, w in enumerate(self._vars)]
+        self._w0_sq = ops.convert_to_numpy(self._norms(self._w0)).astype(float) ** 2
 
-    def _sample(self, w: Any) -> Any:
-        flat = ops.reshape(ops.cast(w, "float32"), (-1,))
-        stride = self._strides[id(w)]
+    def _sample(self, w: Any, i: int) -> Any:
+        """The fixed strided sample of variable ``i`` (on the PyTorch backend a view)."""
+        stride = self._strides[i]
+        if self._backend == "torch":
+            flat = self._tensor(w).detach().reshape(-1).float()
+        else:
+            flat = ops.reshape(ops.cast(w, "float32"), (-1,))
         return flat if stride == 1 else flat[::stride]
 
-    def extra_memory_bytes(self) -> int:
-        """Bytes held between steps: start-of-run samples and the state vectors."""
-        held = sum(int(np.prod(t.shape)) * 4 for t in self._w0.values())
-        return held + 4 * (self._layout.size + len(self._sites) + 2)
+    def _tensor(self, x: Any) -> Any:
+        """The backend tensor behind ``x``; on PyTorch without Keras' per-call dispatch."""
+        if self._backend == "torch":
+            return x.value if isinstance(x, keras.Variable) else x
+        return ops.convert_to_tensor(x)
 
     # -- wrappers ----------------------------------------------------------------------------
 
@@ -383,22 +525,26 @@ class GradWatchCallback(keras.callbacks.Callback):
             tv = (list(trainable_variables) if trainable_variables is not None
                   else list(inner._trainable_variables))
             grads = list(grads)
-            before = None
-            try:
-                before = self._before_apply(grads, tv)
-            except (GradientHealthError, Warning):
-                raise
-            except Exception as exc:
-                self.monitor.internal_error("keras adapter (gradient statistics)", exc)
+            before = self._guard(self._before_apply, grads, tv)
             result = original_apply(grads, trainable_variables)
             if before is not None:
-                self._guard(self._after_apply, tv, before)
+                self._guard(self._after_apply, before)
             return result
 
         optimizer.scale_loss = scale_loss
         self._installed.append((optimizer, "scale_loss"))
         inner.apply = apply
         self._installed.append((inner, "apply"))
+        if self._dist_mode == "keras":
+            original_reduce = inner._all_reduce_sum_gradients
+
+            def all_reduce_sum_gradients(grads_and_vars):
+                reduced = original_reduce(grads_and_vars)
+                self._guard(self._reduced, reduced)
+                return reduced
+
+            inner._all_reduce_sum_gradients = all_reduce_sum_gradients
+            self._installed.append((inner, "_all_reduce_sum_gradients"))
 
     def _uninstall(self) -> None:
         for obj, attr in self._installed:
@@ -424,171 +570,270 @@ class GradWatchCallback(keras.callbacks.Callback):
     # -- per-step statistics -----------------------------------------------------------------
 
     def _record_loss(self, loss: Any) -> None:
-        value = ops.cast(ops.mean(loss), "float32")
+        if self._backend == "torch" and not len(loss.shape):
+            self._eager_loss = loss.detach()  # keeps no autograd graph alive between checks
+            return
         if _is_tracing():
-            self._pending_loss.assign(value)
-        else:
-            self._eager_loss = value
+            self._traced_losses[_replica()[0]] = loss
+            return
+        rid, replicas = _replica()
+        t = ops.convert_to_tensor(loss)
+        if self._backend == "torch":
+            t = t.detach()
+        if len(t.shape):
+            t = ops.mean(t)
+        if replicas > 1:  # eager tf.distribute: Keras divided each replica's loss by their number
+            import tensorflow as tf
 
-    def _sumsq(self, tensors: list[Any]) -> Any:
-        if self._backend == "torch" and not _is_tracing():
-            import torch
+            t = _all_reduce("SUM", tf.stop_gradient(t))
+        if not rid:
+            self._eager_loss = t
 
-            n = torch.stack(torch._foreach_norm([ops.convert_to_tensor(t) for t in tensors], 2,
-                                                dtype=torch.float32))
-            return n * n
-        return ops.stack([ops.sum(ops.square(ops.cast(t, "float32"))) for t in tensors])
-
-    def _layer_sum(self, values: Any, segments: list[int]) -> Any:
-        L = len(self._layer_names)
-        onehot = np.zeros((len(segments), L), dtype="float32")
-        onehot[np.arange(len(segments)), segments] = 1
-        return ops.matmul(ops.reshape(values, (1, -1)), ops.convert_to_tensor(onehot))[0]
+    def _by_index(self, grads: list[Any], tv: list[Any]) -> dict[int, Any]:
+        """Gradients of the watched variables, by variable index."""
+        index = self._var_index
+        return {index[id(w)]: _dense(g) for g, w in zip(grads, tv)
+                if g is not None and id(w) in index}
 
     def _before_apply(self, grads: list[Any], tv: list[Any]) -> Any:
-        pairs = [(_dense(g), w) for g, w in zip(grads, tv)
-                 if g is not None and id(w) in self._var_layer]
-        if not pairs:
-            return None
-        segs = [self._var_layer[id(w)] for _, w in pairs]
-        present = np.zeros(len(self._layer_names), dtype=bool)
-        present[segs] = True
-        sq = self._sumsq([g for g, _ in pairs])
-        # A LossScaleOptimizer hands its inner optimizer unscaled gradients (and skips the step on
-        # overflow); a static loss_scale_factor is divided out inside apply, after this point.
-        scale = getattr(self._inner, "loss_scale_factor", None)
-        layer_sq = self._layer_sum(sq, segs)
-        if scale is not None:
-            layer_sq = layer_sq / ops.square(ops.cast(scale, "float32"))
-        norms = ops.sqrt(layer_sq)
+        if not _is_tracing():
+            rid, replicas = _replica()
+            by_index = self._by_index(grads, tv)
+            if replicas > 1 and by_index:  # eager tf.distribute: every replica joins in
+                keys = sorted(by_index)
+                by_index = dict(zip(keys, _all_reduce("SUM", [by_index[k] for k in keys])))
+            return None if rid else self._eager_before(by_index)
+        self._traced = True
+        rid, replicas = _replica()
+        if replicas > 1 and self._dist_mode == "keras":
+            if rid:
+                return self._graph_before(None, rid)
+            # The statistics are taken in the wrapped all-reduce, inside the original apply.
+            self._tls.capture = _Capture(_current_graph())
+            return _CAPTURED
+        if replicas > 1:
+            by_index = self._by_index(grads, tv)
+            keys = sorted(by_index)
+            reduced = _all_reduce("SUM", [by_index[k] for k in keys]) if keys else []
+            return self._graph_before(dict(zip(keys, reduced)) if not rid else None, rid)
+        return self._graph_before(self._by_index(grads, tv), 0)
+
+    def _reduced(self, reduced: list[tuple[Any, Any]]) -> None:
+        """The all-reduced gradients, inside the first replica's original apply."""
+        capture = getattr(self._tls, "capture", None)
+        if capture is None or capture.graph is not _current_graph() or capture.before is not None:
+            return
+        index = self._var_index
+        by_index = {index[id(w)]: _dense(g) for g, w in reduced
+                    if g is not None and id(w) in index}
+        capture.before = self._graph_before(by_index, 0)
+
+    def _after_apply(self, before: Any) -> None:
+        if before is _CAPTURED:
+            capture, self._tls.capture = self._tls.capture, None
+            before = capture.before if capture is not None else None
+            if before is None:
+                return
         if _is_tracing():
-            self._traced_present = present.tolist()
-            return self._graph_before(pairs, segs, sq, norms, scale)
-        return self._eager_before(pairs, segs, sq, norms, present, scale)
-
-    def _grad_extras(self, pairs, segs, sq, scale) -> Any:
-        L = len(self._layer_names)
-        gmax = ops.stack([ops.max(ops.abs(ops.cast(g, "float32"))) for g, _ in pairs])
-        if scale is not None:
-            gmax = gmax / ops.cast(scale, "float32")
-        layer_max = ops.segment_max(gmax, ops.convert_to_tensor(np.array(segs, "int32")),
-                                    num_segments=L)
-        gbad = self._layer_sum(ops.cast(ops.logical_not(ops.isfinite(sq)), "float32"), segs)
-        return layer_max, gbad
-
-    def _weights(self, tv: list[Any]) -> list[Any]:
-        return [w for w in tv if id(w) in self._var_layer]
-
-    def _weight_extras(self, ws: list[Any], before: list[Any] | None) -> Any:
-        segs = [self._var_layer[id(w)] for w in ws]
-        wsq = self._sumsq([ops.cast(w, "float32") for w in ws])
-        wnorm = ops.sqrt(self._layer_sum(wsq, segs))
-        wbad = self._layer_sum(ops.cast(ops.logical_not(ops.isfinite(wsq)), "float32"), segs)
-        nan = ops.full((len(self._layer_names),), np.nan, dtype="float32")
-        if not self._w0:
-            return wnorm, wbad, nan, nan
-        scale = ops.convert_to_tensor(np.array([self._scale[id(w)] for w in ws], "float32"))
-        now = [self._sample(w) for w in ws]
-
-        def layer_norm(ts):
-            return ops.sqrt(self._layer_sum(self._sumsq(ts) * scale, segs))
-
-        change = layer_norm([a - self._w0[id(w)] for a, w in zip(now, ws)]) / layer_norm(
-            [self._w0[id(w)] for w in ws])
-        ratio = nan
-        if before is not None:
-            ratio = layer_norm([a - b for a, b in zip(now, before)]) / layer_norm(before)
-        return wnorm, wbad, ratio, change
-
-    # Eager mode (PyTorch backend, run_eagerly=True): python gating, device tensors kept.
-
-    def _eager_before(self, pairs, segs, sq, norms, present, scale) -> Any:
-        step = self._eager_step + 1
-        extras = None
-        if self.monitor.is_check_step(step - self._start_iter):
-            extras = self._grad_extras(pairs, segs, sq, scale)
-        self._eager_pending = (step, norms, present, extras)
-        if extras is not None and self._w0:
-            return [ops.convert_to_tensor(ops.copy(self._sample(w))) for w in self._weights(
-                [w for _, w in pairs])], [w for _, w in pairs]
-        return [], [w for _, w in pairs]
-
-    def _after_apply(self, tv: list[Any], before: Any) -> None:
-        if _is_tracing():
-            return self._graph_after(tv, before)
-        samples, ws = before
-        step, norms, present, extras = self._eager_pending
-        self._eager_step = step
-        window = self._layout.window
-        self._eager_rows[step % window] = (step, norms, present, self._eager_loss)
-        self._eager_loss = None
-        if extras is not None:
-            wnorm, wbad, ratio, change = self._weight_extras(self._weights(ws), samples or None)
-            self._eager_extras = (step, extras[0], extras[1], wnorm, wbad, ratio, change)
-            # Eager mode checks here, in the training thread: Keras may run batch-end callbacks
-            # on a thread pool far behind training, and a strict-mode error belongs to this step.
-            with self._lock:
-                try:
-                    self._check()
-                except BaseException:
-                    self._uninstall()
-                    raise
+            return self._graph_after(before)
+        return self._eager_after(before)
 
     # Graph mode (tf.function, XLA): gated by the optimizer's iteration counter.
 
-    def _graph_before(self, pairs, segs, sq, norms, scale) -> Any:
-        L = len(self._layer_names)
-        lay = self._layout
-        it = ops.cast(self._inner.iterations, "int32")
+    def _graph_before(self, grads: dict[int, Any] | None, rid: int) -> Any:
+        import tensorflow as tf
+
+        with tf.name_scope("gradwatch"):  # named in TensorBoard graphs and profiles
+            return self._graph_before_ops(grads, rid)
+
+    def _graph_before_ops(self, grads: dict[int, Any] | None, rid: int) -> Any:
+        """Writes this step's row; on check steps also max |g| and the activations, and takes
+        the weight samples the update ratio compares against after the update. ``grads`` is
+        None on replicas other than the first: they write only their loss and activations."""
+        import tensorflow as tf
+
+        if grads is not None and not grads:
+            return None
+        state = self._graph
+        V = len(self._vars)
+        it = ops.convert_to_tensor(self._inner.iterations)
         step = it + 1
-        is_check = ops.equal(ops.mod(step - self._start_iter, self.monitor.check_every), 0)
-        slot = ops.mod(it, lay.window)
-        state = ops.cast(ops.convert_to_tensor(self._state), "float32")
-        state = ops.slice_update(state, [slot * L], ops.cast(norms, "float32"))
-        state = ops.slice_update(state, [lay.loss + slot],
-                                 ops.reshape(ops.convert_to_tensor(self._pending_loss), (1,)))
-        state = ops.slice_update(state, [lay.steps + slot],
-                                 ops.reshape(ops.cast(step, "float32"), (1,)))
-        ws = [w for _, w in pairs]
-        old = state[lay.extras:lay.extras + 2 * L]
-        sizes = [int(np.prod(self._sample(w).shape)) for w in ws] if self._w0 else []
+        zero = tf.constant(0.0)
+        nan = tf.constant(np.nan, tf.float32)
+        if grads is not None:
+            present = np.zeros(V, dtype=bool)
+            present[list(grads)] = True
+            self._traced_present = present
+            row = [tf.nn.l2_loss(_f32(grads[i])) if i in grads else nan for i in range(V)]
+        else:
+            row = [zero] * V
+        loss = self._traced_losses.pop(rid, None)
+        if loss is not None and _reachable(loss):
+            self._traced_loss = True
+            row.append(_f32(loss) if not len(loss.shape) else tf.reduce_mean(_f32(loss)))
+        else:
+            row.append(nan)
+        row.append(tf.cast(step, tf.float32) if grads is not None else zero)
+        state.write_row(rid, tf.math.floormod(it, self._window), tf.stack(row))
+
+        every, act_every = self._check_every, self.monitor.activation_every
+        acts = self._take_activations(rid)
+        snapshot = grads is not None and bool(self._w0)
+        sizes = [int(t.shape[0]) for t in self._w0] if snapshot else []
 
         def check_work():
-            # One cond for all check-step work before the update: gradient extras, and the
-            # weight samples the update ratio compares against after it.
-            gmax, gbad = self._grad_extras(pairs, segs, sq, scale)
-            return ops.concatenate([gmax, gbad] + [self._sample(w) for w in ws if sizes])
+            if grads is not None:
+                gmax = [tf.reduce_max(tf.abs(_f32(grads[i]))) if i in grads else nan
+                        for i in range(V)]
+                state.write("gmax", rid, tf.stack(gmax))
+            if acts:
+                self._gated(step, act_every, lambda: self._graph_activations(acts, step, rid))
+            if snapshot:
+                return tf.concat([self._sample(w, i) for i, w in enumerate(self._vars)], 0)
+            return zero
 
         def idle():
-            return ops.concatenate([old, ops.zeros((sum(sizes),), "float32")])
+            return tf.zeros((sum(sizes),)) if snapshot else zero
 
-        out = ops.cond(is_check, check_work, idle)
-        state = ops.slice_update(state, [lay.extras], out[:2 * L])
-        self._state.assign(state)
-        return is_check, ((out[2 * L:], sizes) if sizes else None), ws
+        if grads is None and not acts:
+            return None
+        is_check = self._is_due(step, every)
+        out = check_work() if is_check is None else tf.cond(is_check, check_work, idle)
+        if grads is None:
+            return None
+        return step, is_check, ((out, sizes) if snapshot else None)
 
-    def _graph_after(self, tv: list[Any], before: Any) -> None:
-        is_check, snap, ws = before
-        lay = self._layout
-        L = len(self._layer_names)
+    def _is_due(self, step: Any, every: int) -> Any:
+        """Whether ``step`` (a tensor) is due for work done every ``every`` steps of this fit;
+        None when every step is."""
+        import tensorflow as tf
 
-        def weight_extras():
-            samples = None
-            if snap is not None:
-                flat, sizes = snap
-                samples, pos = [], 0
-                for n in sizes:
-                    samples.append(flat[pos:pos + n])
-                    pos += n
-            parts = self._weight_extras(ws, samples)
-            step = ops.cast(self._inner.iterations, "float32")
-            return ops.concatenate(list(parts) + [ops.reshape(step, (1,))])
+        if every == 1:
+            return None
+        return tf.equal(tf.math.floormod(step - self._start_iter, every), 0)
 
-        state = ops.cast(ops.convert_to_tensor(self._state), "float32")
-        old = state[lay.extras + 2 * L:lay.size]
-        state = ops.slice_update(state, [lay.extras + 2 * L],
-                                 ops.cond(is_check, weight_extras, lambda: old))
-        self._state.assign(state)
+    def _gated(self, step: Any, every: int | None, fn: Any) -> None:
+        import tensorflow as tf
+
+        if every is None:
+            return
+        due = self._is_due(step, every)
+        if due is None or every == self._check_every:
+            fn()  # (called inside the check step's cond already)
+            return
+
+        def work():
+            fn()
+            return tf.constant(0.0)
+
+        tf.cond(due, work, lambda: tf.constant(0.0))
+
+    def _graph_after(self, before: Any) -> None:
+        import tensorflow as tf
+
+        with tf.name_scope("gradwatch"):
+            self._graph_after_ops(before)
+
+    def _graph_after_ops(self, before: Any) -> None:
+        import tensorflow as tf
+
+        step, is_check, snapshot = before
+
+        def weight_work():
+            samples = tf.split(*snapshot) if snapshot is not None else None
+            self._graph.write("weights", 0, self._weight_stats(samples, step))
+            return tf.constant(0.0)
+
+        if is_check is None:
+            weight_work()
+        else:
+            tf.cond(is_check, weight_work, lambda: tf.constant(0.0))
+
+    def _weight_stats(self, before: list[Any] | None, step: Any) -> Any:
+        """Half squared norms per variable: weights, sampled update, sampled change since the
+        start; then the step id."""
+        import tensorflow as tf
+
+        ws = [ops.convert_to_tensor(w) for w in self._vars]
+        parts = [tf.stack([tf.nn.l2_loss(_f32(w)) for w in ws])]
+        if before is not None:
+            now = [self._sample(w, i) for i, w in enumerate(ws)]
+            parts += [tf.stack([tf.nn.l2_loss(a - b) for a, b in zip(now, before)]),
+                      tf.stack([tf.nn.l2_loss(b) for b in before]),
+                      tf.stack([tf.nn.l2_loss(a - b) for a, b in zip(now, self._w0)])]
+        else:
+            parts.append(tf.fill((3 * len(ws),), np.float32(np.nan)))
+        return tf.concat(parts + [tf.reshape(tf.cast(step, tf.float32), (1,))], 0)
+
+    # Eager mode (PyTorch backend, run_eagerly=True): python gating, device tensors kept.
+
+    def _norms(self, tensors: list[Any]) -> Any:
+        """L2 norm of each tensor, one float32 vector, on the device."""
+        if self._backend == "torch":
+            import torch
+
+            return torch.stack(torch._foreach_norm([self._tensor(t) for t in tensors], 2,
+                                                   dtype=torch.float32))
+        return ops.stack([ops.sqrt(ops.sum(ops.square(ops.cast(t, "float32")))) for t in tensors])
+
+    def _max_abs(self, tensors: list[Any]) -> Any:
+        if self._backend == "torch":
+            import torch
+
+            # One pass per tensor, nothing allocated; the inf-norm of _foreach_norm is ~10x
+            # slower on CPU.
+            ends = torch.stack([torch.stack(torch.aminmax(t)) if t.numel() else t.new_zeros(2)
+                                for t in map(self._tensor, tensors)]).float()
+            return ends.abs().amax(dim=1)
+        return ops.stack([ops.max(ops.abs(ops.cast(t, "float32"))) for t in tensors])
+
+    def _eager_before(self, grads: dict[int, Any]) -> Any:
+        if not grads:
+            return None
+        step = self._eager_step + 1
+        present = tuple(sorted(grads))
+        gs = [grads[i] for i in present]
+        norms = self._norms(gs)
+        if not self.monitor.is_check_step(step - self._start_iter):
+            return step, present, norms, None, None
+        samples = None
+        if self._w0:  # copies: a sample can be a view of the weights the update changes
+            samples = [self._copy(self._sample(w, i)) for i, w in enumerate(self._vars)]
+        return step, present, norms, self._max_abs(gs), samples
+
+    def _copy(self, t: Any) -> Any:
+        return t.clone() if self._backend == "torch" else ops.multiply(t, 1.0)
+
+    def _diffs(self, a: list[Any], b: list[Any]) -> list[Any]:
+        if self._backend == "torch":
+            import torch
+
+            return torch._foreach_sub(a, b)
+        return [x - y for x, y in zip(a, b)]
+
+    def _eager_after(self, before: Any) -> None:
+        step, present, norms, gmax, samples = before
+        self._eager_step = step
+        self._act_due = self._eager_act_due(step + 1)
+        self._eager_rows[step % self._window] = (step, present, norms, self._eager_loss)
+        self._eager_loss = None
+        if gmax is None:
+            return
+        ws = self._vars
+        parts = [self._norms(ws)]
+        if samples is not None:
+            now = [self._sample(w, i) for i, w in enumerate(ws)]
+            parts += [self._norms(self._diffs(now, samples)), self._norms(samples),
+                      self._norms(self._diffs(now, self._w0))]
+        self._eager_extras = (step, present, gmax, parts)
+        # Eager mode checks here, in the training thread: Keras may run batch-end callbacks on a
+        # thread pool far behind training, and a strict-mode error belongs to this step.
+        with self._lock:
+            try:
+                self._check()
+            except BaseException:
+                self._uninstall()
+                raise
 
     # -- activations -------------------------------------------------------------------------
 
@@ -600,8 +845,12 @@ class GradWatchCallback(keras.callbacks.Callback):
                 continue  # their activations act inside the cell's loop
             fn = getattr(layer, "activation", None)
             kind = _SAMPLED.get(_activation_name(fn) or "")
+            # ReLU outputs are >= 0 (a ReLU layer's too, unless it leaks): a unit is alive when
+            # its outputs sum to more than 0, a reduction much cheaper than any(y > 0).
+            nonneg = kind == "relu"
             if kind is None and type(layer).__name__ == "ReLU":
                 kind, fn = "relu", None
+                nonneg = not getattr(layer, "negative_slope", 0)
             if kind is None:
                 continue
             path = getattr(layer, "path", None) or layer.name
@@ -610,57 +859,79 @@ class GradWatchCallback(keras.callbacks.Callback):
             index = len(self._sites)
             self._sites.append((path, kind, 0))
             if fn is not None:
-                wrapped = self._activation_wrapper(fn, kind, index)
+                wrapped = self._activation_wrapper(fn, (kind, nonneg), index)
                 self._wrapped_layers.append((layer, "activation", fn))
                 layer.activation = wrapped
             else:
                 original_call = layer.call
-                wrapped_call = self._activation_wrapper(original_call, kind, index)
+                wrapped_call = self._activation_wrapper(original_call, (kind, nonneg), index)
                 self._wrapped_layers.append((layer, "call", original_call))
                 layer.call = wrapped_call
 
-    def _activation_wrapper(self, fn, kind: str, index: int):
+    def _activation_wrapper(self, fn, kind: tuple[str, bool], index: int):
         def wrapped(*args, **kwargs):
             y = fn(*args, **kwargs)
-            self._guard(self._sample_activation, y, kind, index)
+            if self._act_due:
+                self._guard(self._sample_activation, y, kind, index)
             return y
 
         wrapped.__name__ = getattr(fn, "__name__", "activation")
         return wrapped
 
-    def _activation_value(self, y: Any, kind: str) -> Any:
+    def _activation_value(self, y: Any, kind: tuple[str, bool]) -> Any:
+        kind, nonneg = kind
         y = ops.cast(y, "float32")
         units = int(y.shape[-1]) if y.shape[-1] is not None else 1
         if kind == "relu":
-            alive = ops.any(ops.reshape(y > 0, (-1, units)), axis=0)
-            return 1 - ops.mean(ops.cast(alive, "float32"))
+            total = ops.sum(ops.reshape(y if nonneg else ops.relu(y), (-1, units)), axis=0)
+            return 1 - ops.mean(ops.cast(total > 0, "float32"))
         if kind == "sigmoid":
             return ops.mean(ops.cast(y * (1 - y) < 0.25 * SATURATION_DERIVATIVE, "float32"))
         return ops.mean(ops.cast(1 - y * y < SATURATION_DERIVATIVE, "float32"))
 
-    def _sample_activation(self, y: Any, kind: str, index: int) -> None:
+    def _sample_activation(self, y: Any, kind: tuple[str, bool], index: int) -> None:
         if not self._active or self._in_test or len(getattr(y, "shape", ())) < 2:
             return  # (while tracing test_step, _in_test keeps the sampling out of its graph)
         name, _, _ = self._sites[index]
-        self._sites[index] = (name, kind, int(y.shape[-1] or 0))
-        every = self.monitor.activation_every
+        self._sites[index] = (name, kind[0], int(y.shape[-1] or 0))
         if _is_tracing():
-            step = ops.cast(self._inner.iterations, "int32") + 1 - self._start_iter
-            sample = ops.equal(ops.mod(step, every), 0)
-            # Inside a layer call under mixed precision, float32 variables read as the compute
-            # dtype: cast back so both branches agree.
-            current = ops.cast(ops.convert_to_tensor(self._act_state), "float32")
-            value = ops.cond(sample, lambda: self._activation_value(y, kind),
-                             lambda: current[index])
-            current = ops.slice_update(current, [index], ops.reshape(value, (1,)))
-            self._act_state.assign(current)
+            # Only kept here; the check step's cond (in apply) measures it on activation steps,
+            # so steps without a sample pay nothing per site.
+            self._traced_acts.setdefault(_replica()[0], {})[index] = (y, kind)
             return
-        step = self._eager_step + 1 - self._start_iter
-        if step % every == 0 and not self._in_test:
-            self._eager_acts[name] = self._activation_value(y, kind)
+        if not self.monitor.is_activation_step(self._eager_step + 1 - self._start_iter):
+            return
+        value = self._activation_value(y, kind)
+        rid, replicas = _replica()
+        if replicas > 1:  # eager tf.distribute: the mean over the replicas' shards
+            value = _all_reduce("MEAN", value)
+        if not rid:
+            self._eager_acts[index] = value
+
+    def _take_activations(self, rid: int) -> dict[int, tuple[Any, tuple[str, bool]]]:
+        pending = self._traced_acts.pop(rid, {})
+        return {i: yk for i, yk in pending.items() if _reachable(yk[0])}
+
+    def _graph_activations(self, acts: dict[int, tuple[Any, tuple[str, bool]]], step: Any,
+                           rid: int) -> None:
+        import tensorflow as tf
+
+        nan = tf.constant(np.nan, tf.float32)
+        values = [self._activation_value(*acts[i]) if i in acts else nan
+                  for i in range(len(self._sites))]
+        stamp = tf.cast(step, tf.float32) if rid == 0 else tf.constant(0.0)
+        self._graph.write("acts", rid, tf.stack(values + [stamp]))
+
+    def _eager_act_due(self, step: int) -> bool:
+        """In eager mode the wrappers sample only before an activation step (and on the
+        TensorFlow backend, where the train step may be traced, always)."""
+        if self._backend != "torch":
+            return True
+        return self.monitor.is_activation_step(step - self._start_iter)
 
     # Validation and predict batches run the same layers; they are not training steps.
     _in_test = False
+    _act_due = False
 
     def on_test_begin(self, logs: Any = None) -> None:
         self._in_test = True
@@ -677,105 +948,163 @@ class GradWatchCallback(keras.callbacks.Callback):
     # -- the check ---------------------------------------------------------------------------
 
     def _check(self) -> None:
-        if self._backend_eager():
-            stats = self._eager_stats()
-        else:
-            stats = self._graph_stats()
+        stats = self._graph_stats() if self._traced else self._eager_stats()
         if stats is not None:
             self.monitor.check(stats)
 
-    def _backend_eager(self) -> bool:
-        return self._traced_present is None
-
     def _graph_stats(self) -> StepStats | None:
-        lay = self._layout
-        L = len(self._layer_names)
-        host = ops.convert_to_numpy(ops.concatenate([
-            ops.convert_to_tensor(self._state), ops.convert_to_tensor(self._act_state)]))
-        host = host.astype(float)
-        steps = host[lay.steps:lay.steps + lay.window]
+        state = self._graph
+        V, W, S = len(self._vars), self._window, len(self._sites)
+        host = state.read()
+        hist = host[:W]
+        gmax = state.block(host, "gmax")
+        weights = state.block(host, "weights")
+        acts = state.block(host, "acts")
+        steps = hist[:, V + 1]
         ok = np.isfinite(steps) & (steps > self._last_seen_step)
         if not ok.any():
             return None
-        order = np.argsort(steps[ok])
-        slots = np.flatnonzero(ok)[order]
+        slots = np.flatnonzero(ok)[np.argsort(steps[ok])]
         step_ids = steps[slots].astype(np.int64)
         self._last_seen_step = int(step_ids[-1])
-        hist = host[:lay.window * L].reshape(lay.window, L)[slots]
-        loss = host[lay.loss:lay.loss + lay.window][slots]
-        present = np.array(self._traced_present or [True] * L, dtype=bool)
-        has_grad = np.tile(present, (len(slots), 1))
-        ex = host[lay.extras:lay.size]
-        gmax, gbad, wnorm, wbad, ratio, change = (ex[i * L:(i + 1) * L] for i in range(6))
-        extras_step = ex[6 * L]
-        # With steps_per_execution the read may come a few steps after the check step: the
-        # weight statistics of any check step in this window are new.
-        fresh = bool(np.isfinite(extras_step)) and int(extras_step) in set(step_ids.tolist())
-        acts = host[lay.size:lay.size + len(self._sites)]
-        activations = {name: self._act_stats(kind, float(val), units)
-                       for (name, kind, units), val in zip(self._sites, acts) if np.isfinite(val)}
-        self._act_state.assign(np.full(max(len(self._sites), 1) + 1, np.nan, "float32")) \
-            if activations else None
-        return self._stats(step_ids, hist, has_grad, loss,
-                           (gmax, gbad, wnorm, wbad, ratio, change) if fresh else None, activations)
+        rows = hist[slots]
+        sq = 2 * rows[:, :V]  # tf.nn.l2_loss is half the squared norm
+        present = np.tile(self._traced_present, (len(slots), 1))
+        loss = rows[:, V]
+        has_loss = np.full(len(slots), self._traced_loss)
+        # With steps_per_execution (or a late asynchronous read) the read may come a few steps
+        # after the check step: the check-step numbers of any step in this window are new.
+        extras = None
+        stamp = weights[4 * V]
+        if np.isfinite(stamp) and int(stamp) in set(step_ids.tolist()):
+            at = int(np.flatnonzero(step_ids == int(stamp))[0])
+            w = weights[:4 * V].reshape(4, V) * 2
+            extras = self._layer_extras(sq[at], present[at], gmax, w[0], w[1], w[2], w[3])
+        activations = {}
+        if S and np.isfinite(acts[S]) and acts[S] > self._last_act_step:
+            self._last_act_step = int(acts[S])
+            activations = self._activation_stats(acts[:S] / self._replicas)
+        return self._stats(step_ids, sq, present, loss, has_loss, extras, activations)
 
     def _eager_stats(self) -> StepStats | None:
         rows = sorted((r for r in self._eager_rows.values() if r[0] > self._last_seen_step),
                       key=lambda r: r[0])
         if not rows:
             return None
-        L = len(self._layer_names)
-        parts = [ops.stack([r[1] for r in rows]),
-                 ops.stack([r[3] if r[3] is not None else ops.convert_to_tensor(np.float32(np.nan))
-                            for r in rows])]
+        parts = [r[2] for r in rows]
+        losses = [r[3] for r in rows if r[3] is not None]
+        parts += losses
         extras = self._eager_extras
         fresh = extras is not None and extras[0] in {r[0] for r in rows}
         if fresh:
-            parts += [ops.stack([ops.convert_to_tensor(x) for x in extras[1:]])]
-        names = list(self._eager_acts)
-        if names:
-            parts.append(ops.stack([self._eager_acts[n] for n in names]))
-        host = ops.convert_to_numpy(ops.concatenate([ops.reshape(p, (-1,)) for p in parts]))
-        host = host.astype(float)
-        n = len(rows)
-        hist = host[:n * L].reshape(n, L)
-        loss = host[n * L:n * L + n]
-        pos = n * L + n
+            parts += [extras[2]] + extras[3]
+        sites = sorted(self._eager_acts)
+        parts += [self._eager_acts[i] for i in sites]
+        host = self._to_host(parts)  # the one transfer
+        V, n = len(self._vars), len(rows)
+        sq = np.full((n, V), np.nan)
+        present = np.zeros((n, V), dtype=bool)
+        pos = 0
+        for k, r in enumerate(rows):
+            idx = list(r[1])
+            sq[k, idx] = host[pos:pos + len(idx)] ** 2
+            present[k, idx] = True
+            pos += len(idx)
+        has_loss = np.array([r[3] is not None for r in rows])
+        loss = np.full(n, np.nan)
+        loss[has_loss] = host[pos:pos + int(has_loss.sum())]
+        pos += int(has_loss.sum())
         ex = None
         if fresh:
-            ex = tuple(host[pos + i * L:pos + (i + 1) * L] for i in range(6))
-            pos += 6 * L
-        kinds = {name: (kind, units) for name, kind, units in self._sites}
-        activations = {name: self._act_stats(kinds[name][0], float(val), kinds[name][1])
-                       for name, val in zip(names, host[pos:pos + len(names)])}
+            p = list(extras[1])
+            gmax = np.full(V, np.nan)
+            gmax[p] = host[pos:pos + len(p)]
+            pos += len(p)
+            k = 4 if self._w0 else 1
+            w = host[pos:pos + k * V].reshape(k, V) ** 2
+            pos += k * V
+            if k == 1:
+                w = np.vstack([w, np.full((3, V), np.nan)])
+            at = [r[0] for r in rows].index(extras[0])
+            ex = self._layer_extras(sq[at], present[at], gmax, w[0], w[1], w[2], w[3])
+        values = np.full(len(self._sites), np.nan)
+        values[sites] = host[pos:pos + len(sites)]
+        activations = self._activation_stats(values) if sites else {}
         self._eager_acts = {}
         self._eager_extras = None
         step_ids = np.array([r[0] for r in rows], dtype=np.int64)
         self._last_seen_step = int(step_ids[-1])
-        has_grad = np.array([r[2] for r in rows], dtype=bool)
-        has_loss = np.array([r[3] is not None for r in rows])
-        return self._stats(step_ids, hist, has_grad, loss, ex, activations, has_loss)
+        return self._stats(step_ids, sq, present, loss, has_loss, ex, activations)
 
-    @staticmethod
-    def _act_stats(kind: str, value: float, units: int) -> ActivationStats:
-        if kind == "relu":
-            return ActivationStats(kind=kind, dead_fraction=value, units=units)
-        return ActivationStats(kind=kind, saturated_fraction=value, units=units)
+    def _to_host(self, parts: list[Any]) -> np.ndarray:
+        """Scalars and vectors, flattened into one float64 array: one device-to-host copy."""
+        if self._backend == "torch":
+            import torch
 
-    def _stats(self, step_ids, hist, has_grad, loss, extras, activations,
-               has_loss=None) -> StepStats:
+            flat = torch.cat([p.reshape(-1).float() for p in parts])
+            return flat.detach().cpu().numpy().astype(float)
+        flat = ops.concatenate([ops.reshape(ops.cast(p, "float32"), (-1,)) for p in parts])
+        return ops.convert_to_numpy(flat).astype(float)
+
+    # Per-variable numbers to per-layer numbers, on the host.
+
+    def _layer_sum(self, x: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(x[..., self._order], self._starts, axis=-1)
+
+    def _layer_extras(self, sq, present, gmax, wsq, rnum, rden, cnum) -> tuple:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            g = np.where(present, gmax, -np.inf)[self._order]
+            layer_max = np.maximum.reduceat(g, self._starts)
+            layer_max = np.where(np.isneginf(layer_max), np.nan, layer_max)
+            gbad = self._layer_sum((present & ~np.isfinite(sq)).astype(float))
+            wnorm = np.sqrt(self._layer_sum(wsq))
+            wbad = self._layer_sum((~np.isfinite(wsq)).astype(float))
+            s = self._sample_scale
+            ratio = np.sqrt(self._layer_sum(s * rnum) / self._layer_sum(s * rden))
+            change = np.sqrt(self._layer_sum(s * cnum) / self._layer_sum(s * self._w0_sq))
+        if self._grad_scale is not None:
+            layer_max = layer_max / self._grad_scale
+        return layer_max, gbad, wnorm, wbad, ratio, change
+
+    def _activation_stats(self, values: np.ndarray) -> dict[str, ActivationStats]:
+        out = {}
+        for (name, kind, units), value in zip(self._sites, values):
+            if not np.isfinite(value):
+                continue
+            if kind == "relu":
+                out[name] = ActivationStats(kind=kind, dead_fraction=float(value), units=units)
+            else:
+                out[name] = ActivationStats(kind=kind, saturated_fraction=float(value),
+                                            units=units)
+        return out
+
+    def _stats(self, step_ids, sq, present, loss, has_loss, extras, activations) -> StepStats:
         base = self._start_iter
+        L = len(self._layer_names)
+        if L:
+            with np.errstate(invalid="ignore"):
+                grad_norm = np.sqrt(self._layer_sum(np.where(present, sq, 0.0)))
+            has_grad = self._layer_sum(present.astype(float)) > 0
+        else:
+            grad_norm = np.zeros((len(step_ids), 0))
+            has_grad = np.zeros((len(step_ids), 0), dtype=bool)
+        if self._grad_scale is not None:
+            grad_norm = grad_norm / self._grad_scale
         gmax = gbad = wnorm = wbad = ratio = change = None
         if extras is not None:
             gmax, gbad, wnorm, wbad, ratio, change = extras
-        if has_loss is None:
-            has_loss = ~np.isnan(loss) | np.isinf(loss)
         return StepStats(
             step=int(step_ids[-1] - base), layers=tuple(self._layer_names),
-            steps=step_ids - base, grad_norm=np.where(has_grad, hist, np.nan), has_grad=has_grad,
-            loss=loss, has_loss=has_loss, grad_size=self._sizes, grad_max=gmax,
-            grad_nonfinite=gbad, weight_norm=wnorm, weight_nonfinite=wbad,
+            steps=step_ids - base, grad_norm=np.where(has_grad, grad_norm, np.nan),
+            has_grad=has_grad, loss=loss, has_loss=has_loss, grad_size=self._sizes,
+            grad_max=gmax, grad_nonfinite=gbad, weight_norm=wnorm, weight_nonfinite=wbad,
             update_ratio=None if (ratio is None or not self._w0) else ratio,
             weight_change=None if (change is None or not self._w0) else change,
             activations=activations,
         )
+
+
+def _current_graph() -> Any:
+    import tensorflow as tf
+
+    return tf.compat.v1.get_default_graph()

@@ -3,6 +3,7 @@ mixed precision, sinks, options and asynchronous dispatch."""
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -169,6 +170,39 @@ def test_gradient_statistics_are_those_of_the_gradient_the_optimizer_applies(bui
     assert list(stats.layers) == list(reference)
     np.testing.assert_allclose(stats.grad_norm[0], [n for n, _ in reference.values()], rtol=1e-4)
     np.testing.assert_allclose(stats.grad_max, [m for _, m in reference.values()], rtol=1e-4)
+
+
+# -- per-step cost ------------------------------------------------------------------------------
+
+
+def _traced_step_ops(model, x, y) -> collections.Counter:
+    """Op types of the train step traced now, outside any cond branch (what every step runs)."""
+    import tensorflow as tf
+
+    step = tf.function(model.train_step)
+    graph = step.get_concrete_function((tf.constant(x), tf.constant(y))).graph
+    return collections.Counter(op.type for op in graph.get_operations())
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="graph mode (tf.function) is TensorFlow's")
+def test_traced_step_adds_two_conds_and_one_norm_per_variable_whatever_the_activation_sites():
+    # Six ReLU activation sites: their sampling lives inside the check step's cond, so steps that
+    # sample nothing pay nothing per site; every step pays one l2_loss per gradient.
+    model = compiled(mlp(6))
+    x, y = circles(n=64)
+    fit(model, (x, y), epochs=1, callback=None)  # builds the model and optimizer
+    plain = _traced_step_ops(model, x, y)
+    cb = GradWatchCallback()
+    cb.set_model(model)
+    cb.on_train_begin()
+    try:
+        added = _traced_step_ops(model, x, y) - plain
+    finally:
+        cb.on_train_end()
+    assert added["If"] + added["StatelessIf"] == 2, added
+    assert added["L2Loss"] == len(model.trainable_weights), added
+    assert added["ResourceScatterUpdate"] == 1, added  # this step's row of the ring buffer
+    assert sum(added.values()) <= len(model.trainable_weights) + 40, added
 
 
 # -- names -------------------------------------------------------------------------------------

@@ -588,17 +588,25 @@ def markdown(results: dict[str, Any]) -> str:
            f"Command: `{results['command'].strip()}` ({results['rounds']} alternating rounds x "
            f"{results['steps']} steps after {results['warmup']} warm-up; {results['wall_s'] / 60:.0f} "
            "min).", "",
-           "| model | configuration | median ms/step | ratio to plain | added ms/step | "
-           "host syncs/step |", "|---|---|---|---|---|---|"]
+           "Ratios: *median* = median round / median plain round; *paired* = median over rounds "
+           "of (this config / plain in the same round); *best* = fastest round / fastest plain "
+           "round (noise only ever adds time, so on a shared machine the best rounds are the "
+           "least disturbed).", "",
+           "| model | configuration | median ms/step | ratio (median) | ratio (paired) | "
+           "best ms/step | ratio (best) | host syncs/step |", "|---|---|---|---|---|---|---|---|"]
     for model_name, rows in results["models"].items():
         syncs = results["syncs_per_step"].get(model_name, {})
+        plain = rows.get("plain", {}).get("rounds_ms")
         for name, row in rows.items():
             if "error" in row:
-                out.append(f"| {model_name} | {name} | — | — | — | error: {row['error']} |")
+                out.append(f"| {model_name} | {name} | — | — | — | — | — | error: {row['error']} |")
                 continue
             s = syncs.get(name)
+            r = row["rounds_ms"]
+            paired = statistics.median(a / b for a, b in zip(r, plain))
             out.append(f"| {model_name} | {name} | {row['median_ms']:.2f} | {row['ratio']:.3f} | "
-                       f"{row['added_ms']:+.2f} | {'' if s is None else f'{s:g}'} |")
+                       f"{paired:.3f} | {min(r):.2f} | {min(r) / min(plain):.3f} | "
+                       f"{'' if s is None else f'{s:g}'} |")
     out += ["", "| model | parameters | default: persistent | default: peak extra | "
             "exact: persistent | exact: peak extra |", "|---|---|---|---|---|---|"]
     for model_name, mem in results["memory"].items():

@@ -305,15 +305,28 @@ def test_keyboard_interrupt_leaves_a_complete_event_file(tmp_path, capsys, how, 
                                  pytest.param(signal.SIGKILL, id="SIGKILL")])
 def test_a_signal_mid_run_leaves_a_readable_event_file(tmp_path, capsys, sig):
     proc, path = start_child(tmp_path, "signal")
+    sent = 0
     try:
         wait_for_lines(proc, path, 120)
-        os.kill(proc.pid, sig)
-        _, err = proc.communicate(timeout=60)
+        err = ""
+        # A SIGINT that lands while Python runs a finalizer (__del__, a weakref callback) is
+        # printed as "Exception ignored" and lost, in any Python program; a user presses
+        # Ctrl-C again. Resend then, but only a loss Python itself reported is accepted.
+        for _ in range(3):
+            os.kill(proc.pid, sig)
+            sent += 1
+            try:
+                _, err = proc.communicate(timeout=20)
+                break
+            except subprocess.TimeoutExpired:
+                continue
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode != 0, err[-2000:]
+    assert proc.returncode is not None and proc.returncode != 0, err[-2000:]
+    if sent > 1:
+        assert "Exception ignored" in err, err[-2000:]
     events = complete_lines_are_json(path)
     assert len(events) >= 120
     run = reads_back(path, tmp_path, capsys)

@@ -338,14 +338,15 @@ def _quick_inputs(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch
     return x, y
 
 
-def build(config: str, model_fn, device: torch.device, workdir: str) -> Config:
+def build(config: str | type[Config], model_fn, device: torch.device, workdir: str) -> Config:
+    cls = CONFIGS[config] if isinstance(config, str) else config
     torch.manual_seed(0)
     model, x, y = model_fn(device)
     if _batch_limit is not None:
         x, y = _quick_inputs(x, y)
     model = model.to(device)
     with contextlib.redirect_stdout(sys.stderr):  # peers print banners; keep stdout the table
-        return CONFIGS[config](model, x.to(device), y.to(device), workdir)
+        return cls(model, x.to(device), y.to(device), workdir)
 
 
 def sync(device: torch.device) -> None:
@@ -487,13 +488,8 @@ def memory(model_fn, device: torch.device, workdir: str, steps: int) -> dict[str
     out: dict[str, Any] = {}
     peaks = {}
     for name in ("plain", "gradwatch-default", "gradwatch-exact"):
-        cfg = build(name, model_fn, device, workdir) if name != "gradwatch-exact" else None
-        if cfg is None:
-            torch.manual_seed(0)
-            model, x, y = model_fn(device)
-            if _batch_limit is not None:
-                x, y = _quick_inputs(x, y)
-            cfg = GradWatchExact(model.to(device), x.to(device), y.to(device), workdir)
+        cfg = build(GradWatchExact if name == "gradwatch-exact" else name, model_fn, device,
+                    workdir)
         for _ in range(3):
             cfg.step()
         peaks[name] = peak_allocated(cfg, steps, device)

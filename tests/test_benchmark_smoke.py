@@ -31,7 +31,10 @@ def test_torch_benchmark_quick_mode_writes_results_and_plot(tmp_path):
             assert "error" not in row, (model, name, row)
             assert math.isfinite(row["median_ms"]) and row["median_ms"] > 0
             assert len(row["rounds_ms"]) == results["rounds"]
-        assert rows["plain"]["ratio"] == 1.0
+        plain = rows["plain"]["median_ms"]
+        for name, row in rows.items():  # ratios and added times are to plain in the same run
+            assert row["ratio"] == pytest.approx(row["median_ms"] / plain), name
+            assert row["added_ms"] == pytest.approx(row["median_ms"] - plain), name
         assert f"{model:<12} gradwatch-default" in proc.stdout  # the printed table
         mem = results["memory"][model]
         for mode in ("gradwatch-default", "gradwatch-exact"):

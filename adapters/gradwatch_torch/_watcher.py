@@ -291,7 +291,7 @@ class TorchWatcher:
             np.zeros(0)
         self._backward_seen = False
         self._index_cache: tuple[list[int], torch.Tensor, np.ndarray] | None = None
-        self._check_extra: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._check_extra: torch.Tensor | None = None  # [2, params]: max |g|, non-zeros
         self._pre_norms: torch.Tensor | None = None
         self._snapshot: list[torch.Tensor] | None = None
         self._activations: dict[str, tuple[str, torch.Tensor, int]] = {}
@@ -515,7 +515,7 @@ class TorchWatcher:
             self._commit()
 
     def _grad_extras(self, grads: list[torch.Tensor],
-                     present: tuple[list[int], torch.Tensor, np.ndarray] | None) -> tuple:
+                     present: tuple[list[int], torch.Tensor, np.ndarray] | None) -> torch.Tensor:
         """Check-step gradient statistics per parameter: max |g| and the number of non-zero
         entries (the L0 "norm"), laid out like the history row."""
         n = len(self._params)
@@ -693,7 +693,7 @@ class TorchWatcher:
             parts.append(extra.flatten() if extra is not None else
                          torch.full((2 * n,), math.nan, device=dev))
             parts.append(pre if pre is not None else torch.full((n,), math.nan, device=dev))
-            inv = [s for s in self._inv_scale]
+            inv = self._inv_scale
             parts.append(torch.stack([s.to(dev).reshape(()) if s is not None else
                                       torch.ones((), device=dev) for s in inv])
                          if any(s is not None for s in inv) else torch.ones(window, device=dev))

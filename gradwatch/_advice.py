@@ -9,27 +9,54 @@ _RELU_LIKE = {"relu", "relu6"}
 _NON_DYING = {"leaky_relu", "prelu", "elu", "selu", "gelu", "silu", "mish", "softplus"}
 
 
+def _gains(ctx: RunContext, indices: list[int] | None = None) -> list[float]:
+    """Init gains of layers where fan-in scaling means something: not embeddings (a lookup
+    table has no fan-in), and not in normalised models (a norm layer rescales what a small init
+    would shrink, which is why std 0.02 is the standard transformer init)."""
+    if ctx.model.normalization:
+        return []
+    layers = ctx.layers if indices is None else [ctx.layers[i] for i in indices]
+    return [layer.init_gain for layer in layers
+            if layer.init_gain is not None and "embedding" not in layer.type.lower()]
+
+
 def _small_init(ctx: RunContext, indices: list[int] | None = None) -> float | None:
     """Smallest init gain among the given layers when it is far below Xavier/He (< 0.5)."""
-    layers = ctx.layers if indices is None else [ctx.layers[i] for i in indices]
-    gains = [layer.init_gain for layer in layers if layer.init_gain is not None]
+    gains = _gains(ctx, indices)
     if gains and min(gains) < 0.5:
         return min(gains)
     return None
 
 
 def _large_init(ctx: RunContext) -> float | None:
-    gains = [layer.init_gain for layer in ctx.layers if layer.init_gain is not None]
+    gains = _gains(ctx)
     if gains and max(gains) > 3.0:
         return max(gains)
     return None
 
 
+def _saturating(ctx: RunContext) -> list[str]:
+    """The saturating activations that make up most of the model's activation sites (a tanh in
+    a pooler beside GELU blocks is not a tanh network); all of them when counts are unknown."""
+    m = ctx.model
+    kinds = sorted(m.activations & _SATURATING)
+    counts = m.activation_counts
+    if kinds and counts:
+        total = sum(counts.values())
+        if sum(counts.get(k, 0) for k in kinds) * 2 < total:
+            return []
+    return kinds
+
+
+def _plain_rnn(ctx: RunContext) -> bool:
+    return any(layer.type in ("RNN", "RNNCell", "SimpleRNN", "SimpleRNNCell")
+               for layer in ctx.layers)
+
+
 def vanishing(ctx: RunContext, indices: list[int]) -> tuple[str, ...]:
     m = ctx.model
-    acts = m.activations
     advice: list[str] = []
-    saturating = sorted(acts & _SATURATING)
+    saturating = _saturating(ctx)
     if saturating:
         advice.append(
             f"replace {'/'.join(saturating)} with ReLU or LeakyReLU and use He (Kaiming) init: "
@@ -44,11 +71,12 @@ def vanishing(ctx: RunContext, indices: list[int]) -> tuple[str, ...]:
         )
     if not m.normalization:
         advice.append("add BatchNorm (or LayerNorm) after each linear/conv layer")
+    plain_stack = m.residual is not True and not m.normalization
     if m.residual is not True and m.depth >= 6:
         advice.append("add residual (skip) connections so gradient reaches early layers directly")
-    if m.depth >= 6:
+    if plain_stack and m.depth >= 6:
         advice.append(f"use fewer layers: {m.depth} parameterised layers is deep for this setup")
-    if m.recurrent:
+    if _plain_rnn(ctx):
         advice.append("use an LSTM/GRU instead of a plain RNN for long sequences")
     if not advice:
         advice.append("check that the loss depends on these layers' outputs (a detached branch "

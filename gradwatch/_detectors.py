@@ -19,6 +19,7 @@ from . import _advice
 from . import _validate as v
 from ._context import RunContext, empty_context
 from ._findings import Finding
+from ._severity import BLOWN_UP
 from ._stats import StepStats
 
 
@@ -72,6 +73,19 @@ class VanishingGradientDetector(Detector):
     must hold: a converged model has small gradients everywhere (not relative), and a layer can
     be far below the largest one while still learning (not absolute).
 
+    Where the adapter measures ``grad_norm_orthogonal``, the part of each gradient parallel to
+    its own weights is set aside first (when it is most of the gradient): an L2 penalty in the loss pulls every weight towards zero with 2λW, a
+    gradient that can be far above ``abs_threshold`` while the data gradient has vanished.
+    The evidence records how much a starved layer's ratio to the largest grew over its starved
+    checks (``growth``): attention at initialisation starts starved and grows ~1000x within a
+    few hundred steps, which the severity rules tell apart from vanishing.
+
+    A gradient that vanishes with depth starves the layers from the input side up: the starved
+    layers that only starved layers precede (in depth order) are the finding. A starved layer
+    with a well-fed layer before it (attention query/key at initialisation, above embeddings
+    that learn) is a local effect, not a gradient that fails to get through; it is reported as
+    an ``info`` finding of its own.
+
     Args:
         rel_threshold: Ratio to the best-fed layer. Defaults to ``1e-3`` (AUTOTRAINER's beta_1).
         abs_threshold: Gradient L2 norm. Defaults to ``1e-4`` (AUTOTRAINER's beta_2).
@@ -88,11 +102,24 @@ class VanishingGradientDetector(Detector):
         self.patience = v.positive_int("patience", patience)
         self._sustained = _Sustained()
 
+    #: The gradient less its part along W below this share of it: (mostly) an L2 penalty's pull.
+    PENALTY_SHARE = 0.5
+
     def reset(self) -> None:
         self._sustained = _Sustained()
+        self._streak_rel: dict[int, float] = {}
 
     def update(self, stats: StepStats) -> list[Finding] | None:
-        norms = _window_median(stats.grad_norm, stats.has_grad)
+        raw = _window_median(stats.grad_norm, stats.has_grad)
+        norms = raw
+        share = None
+        if stats.grad_norm_orthogonal is not None:
+            # What the data asks of the layer: the gradient less its component along W, as a
+            # share of the check step's gradient, applied to the window's median.
+            with np.errstate(divide="ignore", invalid="ignore"):
+                share = stats.grad_norm_orthogonal / stats.last_grad_norm
+            share = np.where(np.isfinite(share), np.clip(share, 0.0, 1.0), 1.0)
+            norms = np.where(share < self.PENALTY_SHARE, raw * share, raw)
         ok = np.isfinite(norms)
         if ok.sum() < 2:
             return None  # nothing to compare: earlier conditions stay as they were
@@ -103,17 +130,48 @@ class VanishingGradientDetector(Detector):
         rel = norms / best
         starved = ok & (norms < self.abs_threshold) & (rel < self.rel_threshold)
         counts = self._sustained.update(set(np.flatnonzero(starved).tolist()))
+        self._streak_rel = {i: self._streak_rel.get(i, float(rel[i])) for i in counts}
         hits = sorted(i for i, c in counts.items() if c >= self.patience)
         if not hits:
             return []
+        prefix = set()
+        for i in np.flatnonzero(ok):
+            if not starved[i]:
+                break
+            prefix.add(int(i))
+        deep = [i for i in hits if i in prefix]
+        local = [i for i in hits if i not in prefix]
+        out = []
+        if deep:
+            out.append(self._finding(stats, deep, counts, norms, raw, rel, top, best))
+        if local:
+            out.append(self._finding(stats, local, counts, norms, raw, rel, top, best,
+                                     local=True))
+        return out
+
+    def _finding(self, stats: StepStats, hits: list[int], counts: dict, norms: np.ndarray,
+                 raw: np.ndarray, rel: np.ndarray, top: int, best: float,
+                 local: bool = False) -> Finding:
         first = hits[0]
         ctx = self.context
+        start_rel = self._streak_rel[first]
+        growth = float(rel[first] / start_rel) if start_rel > 0 else math.inf
+        penalty = ""
+        if norms[first] < raw[first]:
+            penalty = (f" once its part along its own weights is set aside (the whole gradient, "
+                       f"{_fmt(raw[first])}, is almost all the pull of an L2 penalty towards 0)")
         message = (
-            f"step {stats.step}: layer {ctx.describe(first)}: gradient L2 norm {_fmt(norms[first])} "
-            f"is {_fmt(rel[first])} of the largest layer's ('{stats.layers[top]}', {_fmt(best)}) "
-            f"for {counts[first]} consecutive checks. Gradient barely reaches {ctx.span(hits)}."
+            f"step {stats.step}: layer {ctx.describe(first)}: gradient L2 norm {_fmt(norms[first])}"
+            f"{penalty} is {_fmt(rel[first])} of the largest layer's ('{stats.layers[top]}', "
+            f"{_fmt(best)}) for {counts[first]} consecutive checks. Gradient barely reaches "
+            f"{ctx.span(hits)}."
         )
-        return [Finding(
+        if local:
+            before = int(np.flatnonzero(np.isfinite(norms))[0])
+            message += (f" Layer {ctx.describe(before)} before them is well fed, so the gradient "
+                        "gets through: a local effect (attention at initialisation, a branch the "
+                        "loss barely depends on), not a gradient that vanishes with depth.")
+        return Finding(
             kind="vanishing_gradient", step=stats.step, layer=stats.layers[first],
             value=norms[first], threshold=self.abs_threshold, message=message,
             advice=_advice.vanishing(ctx, hits),
@@ -121,8 +179,10 @@ class VanishingGradientDetector(Detector):
                       "grad_norm": {stats.layers[i]: norms[i] for i in hits},
                       "ratio_to_largest": {stats.layers[i]: rel[i] for i in hits},
                       "largest_layer": stats.layers[top], "largest_norm": best,
-                      "checks": counts[first]},
-        )]
+                      "checks": counts[first], "growth": growth,
+                      "l2_penalty": bool(norms[first] < raw[first]), "local": local},
+            severity="info" if local else "warning",
+        )
 
 
 def nanmedian_columns(a: np.ndarray) -> np.ndarray:
@@ -150,14 +210,19 @@ class ExplodingGradientDetector(Detector):
 
     Three tests, any of which raises a finding for a layer:
 
-    * sudden: the norm at a step exceeds ``spike_factor`` times the median of the layer's last
-      ``window`` finite norms before this check (needs ``min_history`` of them first; the
-      reference excludes the current check's own steps, so a rise cannot raise its own bar),
-      and exceeds ``spike_floor`` — near convergence gradients shrink to ~1e-2, and a return to
-      1 is not an explosion;
+    * sudden: the norm at a step exceeds ``spike_factor`` times the layer's scale and exceeds
+      ``spike_floor``. The scale is the larger of the median of the layer's last ``window``
+      finite norms before this check (needs ``min_history`` of them first; the reference
+      excludes the current check's own steps, so a rise cannot raise its own bar) and the
+      median of its first ``early_steps`` norms: near convergence the recent median collapses,
+      and one hard batch is then hundreds of times that median but a few times the norm the
+      layer had while it learnt. That is not an explosion;
     * huge: the norm exceeds ``abs_threshold``;
     * depth ratio: the first layer's norm exceeds ``depth_ratio`` times the last layer's for
-      ``patience`` consecutive checks (gradients grow as they flow back).
+      ``patience`` consecutive checks (gradients grow as they flow back). Only in plain stacks:
+      with normalisation or skip connections (a transformer, a ResNet) the first and last
+      layers are not links of one chain, and an embedding tied to the output layer carries
+      both their gradients.
 
     Args:
         spike_factor: Defaults to ``100``.
@@ -168,13 +233,14 @@ class ExplodingGradientDetector(Detector):
         abs_threshold: Gradient L2 norm per layer. Defaults to ``1e3``.
         depth_ratio: First-to-last layer norm ratio. Defaults to ``70`` (AUTOTRAINER's beta_3).
         patience: Checks for the depth-ratio test. Defaults to ``3``.
+        early_steps: Steps whose median is the layer's learning-time scale. Defaults to ``100``.
     """
 
     kinds = ("exploding_gradient",)
 
     def __init__(self, spike_factor: float = 100.0, window: int = 50, min_history: int = 10,
                  abs_threshold: float = 1e3, depth_ratio: float = 70.0, patience: int = 3,
-                 spike_floor: float = 1.0) -> None:
+                 spike_floor: float = 1.0, early_steps: int = 100) -> None:
         super().__init__()
         self.spike_factor = v.greater_than_one("spike_factor", spike_factor)
         self.spike_floor = v.positive_float("spike_floor", spike_floor)
@@ -185,10 +251,13 @@ class ExplodingGradientDetector(Detector):
         self.abs_threshold = v.positive_float("abs_threshold", abs_threshold)
         self.depth_ratio = v.greater_than_one("depth_ratio", depth_ratio)
         self.patience = v.positive_int("patience", patience)
+        self.early_steps = v.positive_int("early_steps", early_steps)
         self.reset()
 
     def reset(self) -> None:
         self._history: collections.deque[np.ndarray] = collections.deque(maxlen=self.window)
+        self._early: list[np.ndarray] = []
+        self._early_ref: np.ndarray | None = None
         self._deep = 0
 
     def update(self, stats: StepStats) -> list[Finding]:
@@ -201,6 +270,9 @@ class ExplodingGradientDetector(Detector):
             hist = np.array(self._history)
             counts = np.sum(np.isfinite(hist), axis=0)
             ref = nanmedian_columns(hist)
+        early = self._early_scale(len(stats.layers))
+        if early is not None:
+            ref = np.fmax(ref, early)
         enough = (counts >= self.min_history) & (ref > 0)
         g_all = np.where(stats.has_grad, stats.grad_norm, np.nan)
         finite = np.isfinite(g_all)
@@ -222,11 +294,17 @@ class ExplodingGradientDetector(Detector):
                 hits[i] = (int(stats.steps[row]), g_all[row, i], self.abs_threshold,
                            f"{_fmt(g_all[row, i])} is above the absolute limit "
                            f"{_fmt(self.abs_threshold)}")
-        self._history.extend(np.where(finite, g_all, np.nan))
+        rows = np.where(finite, g_all, np.nan)
+        self._history.extend(rows)
+        if self._early_ref is None:
+            self._early.extend(rows[:max(0, self.early_steps - len(self._early))])
         # Depth ratio at the check step, over layers that got a finite gradient.
         g = np.where(stats.last_has_grad, stats.last_grad_norm, np.nan)
         idx = np.flatnonzero(np.isfinite(g))
-        if len(idx) >= 2 and g[idx[-1]] > 0 and g[idx[0]] / g[idx[-1]] > self.depth_ratio:
+        model = self.context.model
+        plain_stack = model.residual is not True and not model.normalization
+        if (plain_stack and len(idx) >= 2 and g[idx[-1]] > 0
+                and g[idx[0]] / g[idx[-1]] > self.depth_ratio):
             self._deep += 1
         else:
             self._deep = 0
@@ -252,6 +330,17 @@ class ExplodingGradientDetector(Detector):
             evidence={"layers": [stats.layers[j] for j in layers],
                       "values": {stats.layers[j]: hits[j][1] for j in layers}},
         )]
+
+
+    def _early_scale(self, n_layers: int) -> np.ndarray | None:
+        """Median of each layer's first ``early_steps`` finite norms, once that many were seen
+        (fixed from then on); ``None`` before."""
+        if self._early_ref is None and len(self._early) >= self.early_steps:
+            self._early_ref = nanmedian_columns(np.array(self._early))
+            self._early = []
+        if self._early_ref is not None and len(self._early_ref) == n_layers:
+            return self._early_ref
+        return None
 
 
 class NonFiniteDetector(Detector):
@@ -336,14 +425,22 @@ def _finite_losses(stats: StepStats) -> list[tuple[int, float]]:
 
 
 class LossPlateauDetector(Detector):
-    """The loss stopped improving: Keras' EarlyStopping/ReduceLROnPlateau test on smoothed loss.
+    """The loss stopped improving: Keras' EarlyStopping/ReduceLROnPlateau test on smoothed loss,
+    and a run that has not learnt at all.
 
     Per-step losses are averaged over blocks of ``window`` steps (minibatch noise would otherwise
     hide or fake a plateau). A block improves when its mean is below the best block mean by more
     than ``max(min_delta, min_delta_rel * |best|)``. A finding is raised once ``patience`` steps
-    pass without improvement; it clears when the loss improves again, after which it cannot
-    re-fire for ``cooldown`` steps. The message says whether the run is *stuck* (the best loss is
-    still within 10 % of the first block's) or has converged.
+    pass without improvement, or once ``patience`` steps have passed and the best block is still
+    within 10 % of the starting loss (a run that creeps down 1 % a block from where a blow-up left
+    it has not learnt either). It clears when the loss improves again, after which it cannot
+    re-fire for ``cooldown`` steps. The start is the untrained model's loss: the smaller of the
+    first loss and the median of the first three (a first block of ``window`` steps can already
+    be inside a blow-up). The evidence says whether the run is *stuck* (still within 10 % of the
+    start) or fell first (converged), and the highest 5-step median loss relative to the start
+    (``peak``): a run that blew up first and then sits near its start has been knocked into a
+    trivial solution. The severity rules make a stuck plateau a warning when something explains
+    it or it lasts.
 
     Args:
         window: Steps per block. Defaults to ``25``.
@@ -354,6 +451,8 @@ class LossPlateauDetector(Detector):
     """
 
     kinds = ("loss_plateau",)
+    #: The best loss within this fraction of the start: the run has not learnt.
+    STUCK = 0.9
 
     def __init__(self, window: int = 25, patience: int = 200, min_delta: float = 1e-4,
                  min_delta_rel: float = 1e-2, cooldown: int = 100) -> None:
@@ -372,16 +471,34 @@ class LossPlateauDetector(Detector):
 
     def reset(self) -> None:
         self._block: list[float] = []
-        self._first: float | None = None
+        self._head: list[float] = []
+        self._last5: collections.deque[float] = collections.deque(maxlen=5)
+        self._peak = -math.inf
+        self._first_step: int | None = None
         self._best: float | None = None
         self._best_step = 0
         self._last_step = 0
         self._active = False
         self._quiet_until = -1
 
+    @property
+    def _start(self) -> float:
+        return min(self._head[0], statistics.median(self._head))
+
+    def _stuck(self) -> bool:
+        start = self._start
+        return self._best > start - (1 - self.STUCK) * abs(start)
+
     def update(self, stats: StepStats) -> list[Finding] | None:
         evaluated = False
         for step, loss in _finite_losses(stats):
+            if self._first_step is None:
+                self._first_step = step
+            if len(self._head) < 3:
+                self._head.append(loss)
+            self._last5.append(loss)
+            if len(self._last5) == 5:
+                self._peak = max(self._peak, statistics.median(self._last5))
             self._block.append(loss)
             if len(self._block) < self.window:
                 continue
@@ -389,36 +506,50 @@ class LossPlateauDetector(Detector):
             self._block = []
             evaluated = True
             self._last_step = step
-            if self._first is None:
-                self._first = mean
             if self._best is None or mean < self._best - max(self.min_delta,
                                                              self.min_delta_rel * abs(self._best)):
+                was_stuck = self._best is not None and self._stuck()
                 self._best, self._best_step = mean, step
-                if self._active:
+                if self._active and not (was_stuck and self._stuck()):
                     self._active = False
                     self._quiet_until = step + self.cooldown
-                self._current = mean
-                continue
             self._current = mean
         if not evaluated:
             return None
+        stuck = self._stuck()
         waited = self._last_step - self._best_step
+        learning = self._last_step - self._first_step
+        if waited < self.patience and stuck and learning >= self.patience:
+            waited = learning  # creeping 1 % a block from the start is not learning either
         if waited < self.patience or self._last_step <= self._quiet_until:
             return []
         self._active = True
-        stuck = self._best > 0.9 * self._first if self._first > 0 else False
-        state = (f"the run is stuck: the best loss is within 10% of the first {self.window} "
-                 f"steps' mean {self._first:.4g}" if stuck else
-                 f"it fell from {self._first:.4g} at the start, so the run may have converged")
+        start = self._start
+        peak = self._peak / start if start > 0 and self._peak > 0 else None
+        blown_up = stuck and peak is not None and peak >= BLOWN_UP
+        state = (f"the run is stuck: the best loss is within {100 * (1 - self.STUCK):.0f}% of "
+                 f"the starting loss {start:.4g}" if stuck else
+                 f"it fell from {start:.4g} at the start, so the run may have converged")
+        if blown_up:
+            state += (f", after it rose to {peak:.3g}x that start: the steps blew the model into "
+                      "a trivial solution (the loss of predicting the label frequencies)")
         tol = max(self.min_delta, self.min_delta_rel * abs(self._best))
-        message = (f"step {self._last_step}: the loss has not improved by more than {tol:.2g} for "
-                   f"{waited} steps (best {self.window}-step mean {self._best:.4g} at step "
+        since = ("since the start" if waited > self._last_step - self._best_step else
+                 f"for {waited} steps")
+        message = (f"step {self._last_step}: the loss has not improved by more than "
+                   f"{100 * (1 - self.STUCK):.0f}% of its start {since} ({waited} steps; best "
+                   f"{self.window}-step mean {self._best:.4g} at step {self._best_step}, now "
+                   f"{self._current:.4g}); {state}." if since == "since the start" else
+                   f"step {self._last_step}: the loss has not improved by more than {tol:.2g} "
+                   f"for {waited} steps (best {self.window}-step mean {self._best:.4g} at step "
                    f"{self._best_step}, now {self._current:.4g}); {state}.")
         return [Finding(
             kind="loss_plateau", step=self._last_step, layer=None, value=waited,
-            threshold=self.patience, message=message, advice=_advice.plateau(self.context, stuck),
+            threshold=self.patience, message=message,
+            advice=(_advice.divergence(self.context) if blown_up
+                    else _advice.plateau(self.context, stuck)),
             evidence={"best": self._best, "best_step": self._best_step, "current": self._current,
-                      "first": self._first, "stuck": stuck},
+                      "first": start, "stuck": stuck, "peak": peak},
         )]
 
 
@@ -431,7 +562,10 @@ class LossDivergenceDetector(Detector):
       most of ``spike_steps`` steps;
     * rise: the median of the last ``min_history`` losses exceeds ``rise_factor`` times the
       median of the first ``min_history`` (the untrained model's loss): training made the model
-      worse. (Medians, so a run that blows up within its first steps still has a fair start.)
+      worse. (Medians, so a brief spike in the first steps, which healthy runs also show, is
+      not a divergence. A run that blows up at once and then sits near its start is the
+      plateau detector's: it compares with the very first loss.) When the first loss differs
+      from that median, the message says both.
 
     Both are tied to the starting loss so that a converged loss of 1e-3 jumping to 1e-2 is not
     called a divergence. Non-finite losses are :class:`NonFiniteDetector`'s.
@@ -482,7 +616,7 @@ class LossDivergenceDetector(Detector):
         return [Finding(kind="loss_divergence", step=step, layer=None, value=value,
                         threshold=threshold, message=f"step {step}: {why}.",
                         advice=_advice.divergence(self.context),
-                        evidence={"start": statistics.median(self._start)})]
+                        evidence={"start": self._start_median})]
 
     def _judge(self, step: int) -> tuple[int, float, float, str] | None:
         # statistics.median on these short lists of finite floats: the same value as
@@ -502,9 +636,13 @@ class LossDivergenceDetector(Detector):
         if len(losses) >= self.min_history and start > 0:
             rise = statistics.median(losses[-self.min_history:])
             if rise > self.rise_factor * start:
+                first = self._start[0]
+                also = (f"; the very first loss was {first:.4g}"
+                        if abs(first - start) > 0.1 * abs(start) else "")
                 return (step, rise, self.rise_factor * start,
                         f"the median loss of the last {self.min_history} steps ({rise:.4g}) is "
-                        f"{rise / start:.3g}x the starting loss ({start:.4g})")
+                        f"{rise / start:.3g}x the median of the first {len(self._start)} "
+                        f"({start:.4g}{also})")
         return None
 
 
@@ -515,7 +653,11 @@ class UpdateRatioDetector(Detector):
     thumb (CS231n) is ~1e-3. A layer is *stalled* when its ratio is below ``stall_threshold``
     while its gradient is not small next to its weights (``||g|| / ||W|| >= min_grad_to_weight``),
     so a tiny learning rate is told apart from vanishing gradients and from a converged model.
-    It *updates too much* above ``large_threshold``. Either needs ``patience`` consecutive checks.
+    It *updates too much* above ``large_threshold``; that test reads only layers with a weight
+    matrix or kernel: the rule of thumb is about weights, and a bias or a norm gain that starts
+    at 0 (a tied decoder's bias alone) has a ratio that divides by almost nothing. Either needs
+    ``patience`` consecutive checks. Whether a stall is a problem or the LR schedule's decay is
+    the severity rules' call.
 
     Args:
         stall_threshold: Defaults to ``1e-5`` (100x below the 1e-3 rule of thumb).
@@ -554,6 +696,9 @@ class UpdateRatioDetector(Detector):
                       else np.zeros_like(r))
         stalled = ok & (r < self.stall_threshold) & (g_to_w >= self.min_grad_to_weight)
         large = ok & (r > self.large_threshold)
+        layers = self.context.layers
+        if len(layers) == len(r):
+            large &= np.array([layer.matrix is not False for layer in layers], dtype=bool)
         out = []
         for kind, mask, tracker, thr in (("stalled_update", stalled, self._stalled, self.stall_threshold),
                                          ("large_update", large, self._large, self.large_threshold)):

@@ -22,6 +22,12 @@ KINDS = (
 )
 
 
+#: A finding's severity: ``"warning"`` is a problem (a Python warning of its category by default);
+#: ``"info"`` is a fact worth logging that is not a problem on the evidence so far (an INFO log
+#: record, kept in ``findings``, the report and the event file; no Python warning).
+SEVERITIES = ("warning", "info")
+
+
 class GradientHealthWarning(UserWarning):
     """Base category of every warning gradwatch emits for a finding."""
 
@@ -110,6 +116,8 @@ class Finding:
     #: Concrete mitigations, most likely first.
     advice: tuple[str, ...] = ()
     evidence: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: ``"warning"`` or ``"info"`` (see :data:`SEVERITIES`), decided per finding from evidence.
+    severity: str = "warning"
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str) or not self.kind:
@@ -122,6 +130,13 @@ class Finding:
         object.__setattr__(self, "value", float(self.value))
         object.__setattr__(self, "threshold", float(self.threshold))
         object.__setattr__(self, "advice", tuple(str(a) for a in self.advice))
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"Finding.severity must be one of {SEVERITIES}, got {self.severity!r}")
+
+    @property
+    def is_warning(self) -> bool:
+        """True for a warning-severity finding (a problem), False for an info one (a fact)."""
+        return self.severity == "warning"
 
     @property
     def category(self) -> type[GradientHealthWarning]:
@@ -145,6 +160,7 @@ class Finding:
             "message": self.message,
             "advice": list(self.advice),
             "evidence": to_json_ready(dict(self.evidence)),
+            "severity": self.severity,
         }
 
     @classmethod
@@ -158,6 +174,7 @@ class Finding:
             message=str(data.get("message", "")),
             advice=tuple(data.get("advice", ())),
             evidence=dict(data.get("evidence") or {}),
+            severity=str(data.get("severity", "warning")),
         )
 
 

@@ -3,9 +3,11 @@ and keeps training alive when gradwatch itself fails."""
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
+import statistics
 import traceback
 import types
 import warnings
@@ -20,6 +22,7 @@ from ._context import RunContext
 from ._detectors import Detector
 from ._findings import Finding, GradWatchInternalWarning
 from ._report import LayerAggregate, LayerRow, Report
+from ._severity import RunEvidence, judge_all
 from ._sinks import FindingSink, JsonlSink
 from ._stats import StepStats
 
@@ -121,6 +124,8 @@ class Monitor:
         self._active: dict[int, dict[tuple[str, str | None], Finding]] = {}
         self._last_start: dict[tuple[str, str | None], int] = {}
         self._silent: set[tuple[str, str | None]] = set()
+        # Conditions that started as info: one that becomes a warning is told again, as news.
+        self._info_started: set[tuple[str, str | None]] = set()
         self._aggregate = LayerAggregate(len(self.context.layers))
         self._steps = 0
         self._checks = 0
@@ -129,6 +134,7 @@ class Monitor:
         self._loss_last = math.nan
         self._ended = False
         self._started = False
+        self._trend = _RunTrend()
 
     def start(self) -> None:
         """The run begins: sinks hear ``gradwatch_run_start`` (once per run)."""
@@ -179,6 +185,10 @@ class Monitor:
                     continue
                 if result is not None:
                     results.append((det, result))
+            try:
+                results = self._judge(stats, results)
+            except Exception as exc:
+                self.internal_error("severity rules", exc)
         started: list[tuple[int, Finding]] = []
         cleared: list[Finding] = []
         for det, result in results:
@@ -197,7 +207,11 @@ class Monitor:
                 continue
             last = self._last_start.get(key)
             self._last_start[key] = f.step
-            if last is not None and f.step - last < self.repeat_after:
+            escalated = key in self._info_started and f.is_warning
+            self._info_started.discard(key)
+            if not f.is_warning:
+                self._info_started.add(key)
+            if last is not None and f.step - last < self.repeat_after and not escalated:
                 self._silent.add(key)  # active, but neither its start nor its clear is told
                 self._suppressed += 1
                 continue
@@ -212,13 +226,30 @@ class Monitor:
             self._call("gradwatch_finding_cleared", monitor=self, finding=f, step=stats.step)
         return emitted
 
+    def _judge(self, stats: StepStats,
+               results: list[tuple[Detector, list[Finding]]]) -> list[tuple[Detector, list[Finding]]]:
+        """Give each finding of this check its severity from the run as a whole."""
+        model = self.context.model
+        self._trend.add(stats, model.learning_rates)
+        flat = [f for _, result in results for f in result]
+        if not flat:
+            return results
+        seen = frozenset(f.kind for f in self.findings if f.is_warning)
+        evidence = self._trend.evidence(stats.step, seen=seen, clipping=bool(model.clipping))
+        # The rules weigh the built-in detectors' findings; a third-party detector sets the
+        # severity of its own.
+        ruled = [type(det).__module__ == Detector.__module__
+                 for det, result in results for _ in result]
+        judged = iter(judge_all(flat, evidence, ruled))
+        return [(det, [next(judged) for _ in result]) for det, result in results]
+
     def _transition(self, det: Detector, result: list[Finding],
                     started: list[tuple[int, Finding]], cleared: list[Finding]) -> None:
         before = self._active.get(id(det), {})
         now: dict[tuple[str, str | None], Finding] = {}
         for f in result:
             key = (f.kind, f.layer)
-            if key in before:
+            if key in before and not (f.is_warning and not before[key].is_warning):
                 now[key] = before[key]
             elif key not in now:
                 now[key] = f
@@ -252,6 +283,8 @@ class Monitor:
         agg = self._aggregate
         flags: dict[str, list[str]] = {}
         for f in self.findings:
+            if not f.is_warning:
+                continue  # a fact, not a problem: the layer's row still says "ok"
             names = [f.layer] if f.layer is not None else []
             names += list(f.evidence.get("layers", [])) if isinstance(f.evidence, dict) else []
             for n in names:
@@ -281,3 +314,41 @@ class Monitor:
             self._ended = True
             self._call("gradwatch_run_end", monitor=self, report=report)
         return report
+
+
+class _RunTrend:
+    """The run-wide signals the severity rules read: where the loss started and where it is
+    going, and how far the learning rate has come down from its peak."""
+
+    #: Losses kept for the trend (the recent and the earlier median).
+    KEEP = 60
+    RECENT = 20
+
+    def __init__(self) -> None:
+        self.start: list[float] = []
+        self.losses: collections.deque[float] = collections.deque(maxlen=self.KEEP)
+        self.peak_lr = math.nan
+        self.lr = math.nan
+
+    def add(self, stats: StepStats, learning_rates: Sequence[float]) -> None:
+        finite = stats.loss[stats.has_loss & np.isfinite(stats.loss)]
+        for x in finite.tolist():
+            if len(self.start) < 3:
+                self.start.append(x)
+            self.losses.append(x)
+        lrs = [x for x in learning_rates if math.isfinite(x)]
+        if lrs:
+            self.lr = max(lrs)
+            self.peak_lr = self.lr if math.isnan(self.peak_lr) else max(self.peak_lr, self.lr)
+
+    def evidence(self, step: int, *, seen: frozenset[str], clipping: bool) -> RunEvidence:
+        losses = list(self.losses)
+        recent = statistics.median(losses[-self.RECENT:]) if losses else math.nan
+        older = losses[:-2 * self.RECENT]
+        before = statistics.median(older) if older else math.nan
+        fraction = (self.lr / self.peak_lr if math.isfinite(self.lr) and self.peak_lr > 0
+                    else None)
+        return RunEvidence(
+            step=step, seen=seen, lr_fraction=fraction, clipping=clipping,
+            loss_start=statistics.median(self.start) if self.start else math.nan,
+            loss_recent=recent, loss_before=before)

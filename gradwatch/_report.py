@@ -71,6 +71,7 @@ class Report:
             "steps": self.steps,
             "checks": self.checks,
             "findings": dict(Counter(f.kind for f in self.findings)),
+            "warnings": dict(Counter(f.kind for f in self.findings if f.is_warning)),
             "flagged_layers": {row.name: list(row.flags) for row in self.layers if row.flags},
             "loss_first": None if math.isnan(self.loss_first) else self.loss_first,
             "loss_last": None if math.isnan(self.loss_last) else self.loss_last,
@@ -79,12 +80,18 @@ class Report:
 
     @property
     def kinds(self) -> set[str]:
-        """The distinct finding kinds raised."""
+        """The distinct finding kinds raised (either severity)."""
         return {f.kind for f in self.findings}
+
+    @property
+    def warnings(self) -> tuple[Finding, ...]:
+        """The warning-severity findings: the problems (info findings are facts)."""
+        return tuple(f for f in self.findings if f.is_warning)
 
     def __str__(self) -> str:
         head = [f"gradwatch report ({plain(self.framework)}): {self.steps} optimizer steps, "
-                f"{self.checks} checks, {len(self.findings)} findings"]
+                f"{self.checks} checks, {len(self.warnings)} warnings, "
+                f"{len(self.findings) - len(self.warnings)} info"]
         if not math.isnan(self.loss_first):
             head.append(f"loss: {self.loss_first:.4g} (first) -> {self.loss_last:.4g} (last)")
         cols = ("layer", "type", "params", "grad norm", "typical", "update/w", "w change", "flags")
@@ -101,7 +108,8 @@ class Report:
         if self.findings:
             out.append("findings:")
             for f in self.findings:
-                out.append(f"- [{plain(f.kind)}] {plain(f.message)}")
+                tag = plain(f.kind) if f.is_warning else f"{plain(f.kind)}, info"
+                out.append(f"- [{tag}] {plain(f.message)}")
                 for a in f.advice:
                     out.append(f"    * {plain(a)}")
         else:

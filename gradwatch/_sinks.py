@@ -57,6 +57,11 @@ class FindingSink:
         # terminal through them.
         text = plain(finding.render())
         mode = self.on_finding
+        if not finding.is_warning:
+            # A fact, not a problem: the log and the findings list have it; no Python warning,
+            # no strict-mode stop, no callback (which is there to act on problems).
+            logger.info("%s (info): %s", finding.category.__name__, text)
+            return
         if mode == "warn":
             logger.info("%s: %s", finding.category.__name__, text)
             warnings.warn(text, finding.category, stacklevel=_user_stacklevel())

@@ -23,6 +23,9 @@ class LayerInfo:
     init_gain: float | None = None
     #: True for recurrent layers (RNN/LSTM/GRU), whose gradients can explode through time.
     recurrent: bool = False
+    #: Whether the layer owns a weight matrix or kernel (False: only biases, norm gains, a
+    #: tied decoder's bias); ``None`` when the adapter does not say.
+    matrix: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +36,8 @@ class ModelInfo:
     #: Activation kinds found in the model: "sigmoid", "tanh", "relu", "leaky_relu", "prelu",
     #: "gelu", "elu", "softplus", ... (lower case). Functional activations are invisible.
     activations: frozenset[str] = frozenset()
+    #: How many activation sites of each kind (a tanh in a pooler is not a tanh network).
+    activation_counts: Mapping[str, int] = dataclasses.field(default_factory=dict)
     #: Normalisation kinds found: "batchnorm", "layernorm", "groupnorm", ...
     normalization: frozenset[str] = frozenset()
     #: Number of parameterised layers.
@@ -101,6 +106,11 @@ class StepStats:
     update_ratio: np.ndarray | None = None
     #: ||W_now - W_start|| / ||W_start|| per layer ``[L]`` (0.05 means 5 % since the start).
     weight_change: np.ndarray | None = None
+    #: The check step's gradient L2 norm with each tensor's component along its own weights
+    #: taken out, ``sqrt(sum_t ||g_t||^2 - (g_t . W_t)^2 / ||W_t||^2)`` per layer ``[L]`` (g as
+    #: judged: unscaled, before clipping). An L2 penalty in the loss pulls every weight towards
+    #: zero with 2λW, parallel to W; what is left is what the data asks of the layer.
+    grad_norm_orthogonal: np.ndarray | None = None
     #: Sampled forward activations, keyed by activation-site name.
     activations: Mapping[str, ActivationStats] = dataclasses.field(default_factory=dict)
 
@@ -121,7 +131,7 @@ class StepStats:
             raise ValueError(f"StepStats.loss must have shape {(s[0],)}, got {np.shape(self.loss)}")
         for name in (
             "grad_size", "grad_max", "grad_nonfinite", "grad_zero_fraction", "weight_norm",
-            "weight_nonfinite", "update_ratio", "weight_change",
+            "weight_nonfinite", "update_ratio", "weight_change", "grad_norm_orthogonal",
         ):
             value = getattr(self, name)
             if value is not None and np.shape(value) != (n_layers,):
@@ -135,6 +145,16 @@ class StepStats:
     @property
     def last_has_grad(self) -> np.ndarray:
         return self.has_grad[-1]
+
+
+def orthogonal_norms(grad_sq: np.ndarray, dot: np.ndarray, weight_sq: np.ndarray) -> np.ndarray:
+    """Per tensor, ``||g||^2 - (g . W)^2 / ||W||^2`` (>= 0): the squared norm of the gradient
+    less its component along W. Where the dot product is unknown (NaN) or W is 0, ``||g||^2``.
+    Adapters sum it per layer for :attr:`StepStats.grad_norm_orthogonal`."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        along = dot * dot / weight_sq
+    along = np.where(np.isfinite(along), along, 0.0)
+    return np.where(np.isfinite(grad_sq), np.maximum(grad_sq - along, 0.0), grad_sq)
 
     def rms(self, norms: np.ndarray) -> np.ndarray:
         """Norms divided by sqrt(element count): a size-independent gradient magnitude."""

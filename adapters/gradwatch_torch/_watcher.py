@@ -37,7 +37,14 @@ from gradwatch._detectors import SATURATION_DERIVATIVE
 from gradwatch._findings import Finding, GradientHealthError
 from gradwatch._monitor import CORE_OPTIONS, Monitor
 from gradwatch._report import Report, plain
-from gradwatch._stats import ActivationStats, LayerInfo, ModelInfo, StepStats, sample_stride
+from gradwatch._stats import (
+    ActivationStats,
+    LayerInfo,
+    ModelInfo,
+    StepStats,
+    orthogonal_norms,
+    sample_stride,
+)
 
 from ._distributed import (
     RANKS,
@@ -51,6 +58,7 @@ from ._distributed import (
     replication,
     unwrap,
 )
+from ._structure import probe_residual
 
 logger = logging.getLogger("gradwatch")
 
@@ -73,6 +81,20 @@ RECURRENT = (nn.RNNBase, nn.RNNCellBase)
 # saturation.
 SAMPLED = {"relu": "relu", "relu6": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
 _RESIDUAL_HINTS = ("residual", "resblock", "basicblock", "bottleneck", "skip", "shortcut")
+# Activation modules of other libraries (transformers' GELUActivation, NewGELUActivation,
+# QuickGELUActivation, ...), by what their class name says.
+_ACTIVATION_NAMES = (("gelu", "gelu"), ("silu", "silu"), ("swish", "silu"), ("mish", "mish"),
+                     ("relu", "relu"), ("sigmoid", "sigmoid"), ("tanh", "tanh"))
+
+
+def _activation_kind(module: nn.Module) -> str | None:
+    cls = module_type(module)
+    kind = ACTIVATION_KINDS.get(cls)
+    if kind is None and not any(True for _ in module.parameters(recurse=False)):
+        low = cls.__name__.lower()
+        if "activation" in low or low.endswith(("gelu", "silu", "swish")):
+            kind = next((k for hint, k in _ACTIVATION_NAMES if hint in low), None)
+    return kind
 
 TORCH_OPTIONS = ("scaler", "update_ratio", "sample_fraction", "ranks")
 # Under torch.compile module hooks are traced; this tells a hook so (torch >= 2.3).
@@ -80,6 +102,35 @@ _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) 
 # Checks between full rescans of the model's parameters (a changed optimizer parameter count
 # triggers one at once): a replaced module is found within this many checks.
 RESCAN_EVERY = 10
+
+
+#: Dtypes that ``torch._foreach_norm(..., dtype=float32)`` refuses (it will not narrow them):
+#: their norms are taken in their own precision and cast.
+_WIDE = (torch.float64, torch.complex64, torch.complex128)
+
+
+def _foreach_norm32(tensors: list[torch.Tensor], ord: float = 2,
+                    wide: bool = False) -> list[torch.Tensor]:
+    """Per-tensor norms as float32 scalars; ``wide`` when some tensor is float64/complex."""
+    if wide:
+        return [n.float() for n in torch._foreach_norm(tensors, ord)]
+    return torch._foreach_norm(tensors, ord, dtype=torch.float32)
+
+
+def _real_optimizer(optimizer: Any) -> Any:
+    """The ``torch.optim.Optimizer`` behind a known wrapper: accelerate's
+    ``AcceleratedOptimizer`` (which never ran ``Optimizer.__init__``, so it has no hooks, and
+    the Hugging Face ``Trainer`` hands it to callbacks) and Lightning's ``LightningOptimizer``.
+    Their ``step()`` calls the real optimizer's, where the hooks fire."""
+    for _ in range(4):
+        name = type(optimizer).__name__
+        if name == "AcceleratedOptimizer" and hasattr(optimizer, "optimizer"):
+            optimizer = optimizer.optimizer
+        elif name == "LightningOptimizer" and hasattr(optimizer, "_optimizer"):
+            optimizer = optimizer._optimizer
+        else:
+            break
+    return optimizer
 
 
 def _remove_handles(handles: list[Any]) -> None:
@@ -130,9 +181,16 @@ class TorchWatcher:
                  ranks: str = "zero", **options: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        optimizer = _real_optimizer(optimizer)
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got "
                             f"{type(optimizer).__name__}")
+        if optimizer is not None and not hasattr(optimizer, "_optimizer_step_pre_hooks"):
+            raise TypeError(
+                f"optimizer: a {type(optimizer).__module__}.{type(optimizer).__qualname__} "
+                "subclasses torch.optim.Optimizer without running Optimizer.__init__, so it "
+                "takes no step hooks; pass the optimizer it wraps (gradwatch looks through "
+                "accelerate's AcceleratedOptimizer and Lightning's LightningOptimizer itself)")
         unknown = sorted(set(options) - set(CORE_OPTIONS))
         if unknown:
             raise TypeError(f"gradwatch.torch.watch got unexpected option(s) {', '.join(unknown)}; "
@@ -170,11 +228,18 @@ class TorchWatcher:
         self._cb_queued = False
         self._requeued = False
         self._clipping_seen = False
+        self._grad_versions: tuple[Any, ...] | None = None
+        self._residual_hooks: list[Any] = []
         self._checks_since_scan = 0
         self._opt_count = self._opt_param_count()
         self._outside = self._outside_params(model)
         self._setup_buffers()
         self._attach(model, optimizer)
+        self._residual_graph: bool | None = None
+        ref = weakref.ref(self)
+        self._handles.extend(probe_residual(
+            model, lambda found: ref() and ref()._guard(ref()._on_residual, found),
+            _is_compiling))
         self.monitor.start()
         # A watcher dropped without remove() takes its hooks with it when collected.
         weakref.finalize(self, _remove_handles, self._handles)
@@ -215,22 +280,23 @@ class TorchWatcher:
         return tuple(
             LayerInfo(name=layer.name, type=layer.module_type,
                       num_params=sum(p.numel() for p in layer.params), init_gain=gain,
-                      recurrent=layer.recurrent)
-            for layer, gain in zip(self._layers, gains))
+                      recurrent=layer.recurrent, matrix=w is not None)
+            for layer, gain, w in zip(self._layers, gains, weights))
 
     @staticmethod
     def _model_info(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> ModelInfo:
-        acts, norms = set(), set()
+        acts: dict[str, int] = {}
+        norms = set()
         residual = False
         recurrent = False
         depth = 0
         for name, m in model.named_modules():
             cls = module_type(m)
-            kind = ACTIVATION_KINDS.get(cls)
-            if kind:
-                acts.add(kind)
+            kind = _activation_kind(m)
             if isinstance(m, nn.RNN):
-                acts.add("relu" if m.nonlinearity == "relu" else "tanh")
+                kind = "relu" if m.nonlinearity == "relu" else "tanh"
+            if kind:
+                acts[kind] = acts.get(kind, 0) + 1
             if cls in NORM_KINDS:
                 norms.add(NORM_KINDS[cls])
             if isinstance(m, RECURRENT):
@@ -241,7 +307,8 @@ class TorchWatcher:
             if any(p.dim() >= 2 for p in m.parameters(recurse=False)):
                 depth += 1
         return ModelInfo(
-            framework="torch", activations=frozenset(acts), normalization=frozenset(norms),
+            framework="torch", activations=frozenset(acts), activation_counts=acts,
+            normalization=frozenset(norms),
             depth=depth, residual=True if residual else None, recurrent=recurrent,
             learning_rates=TorchWatcher._learning_rates(optimizer),
             optimizer=type(optimizer).__name__ if optimizer is not None else None,
@@ -259,6 +326,14 @@ class TorchWatcher:
             # A tensor learning rate would need a host sync to read; advice goes without it.
         return tuple(lrs)
 
+    def _on_residual(self, found: bool) -> None:
+        """The first forward pass has shown whether the model has skip connections."""
+        self._residual_graph = found
+        ctx = self.monitor.context
+        residual = True if found or ctx.model.residual else False
+        if residual != ctx.model.residual:
+            ctx.model = dataclasses.replace(ctx.model, residual=residual)
+
     # -- buffers -----------------------------------------------------------------------------
 
     def _setup_buffers(self) -> None:
@@ -275,6 +350,7 @@ class TorchWatcher:
         self._param_layer = np.repeat(np.arange(len(self._layers)), counts)
         self._param_numel = np.array([p.numel() for p in params], dtype=float)
         self._device = params[0].device if params else torch.device("cpu")
+        self._wide = any(p.dtype in _WIDE for p in params)
         self._one_device = all(p.device == self._device for p in params)
         n_layers = len(self._layers)
         window = self.monitor.check_every
@@ -292,6 +368,7 @@ class TorchWatcher:
         self._backward_seen = False
         self._index_cache: tuple[list[int], torch.Tensor, np.ndarray] | None = None
         self._check_extra: torch.Tensor | None = None  # [2, params]: max |g|, non-zeros
+        self._dots: torch.Tensor | None = None  # [params]: g . W at the check step
         self._pre_norms: torch.Tensor | None = None
         self._snapshot: list[torch.Tensor] | None = None
         self._activations: dict[str, tuple[str, torch.Tensor, int]] = {}
@@ -331,8 +408,8 @@ class TorchWatcher:
                     self._sample_scale = np.ones(len(params))
                     self._w0_sq = np.full(n_layers, math.nan)
                     return
-                w0n = torch.stack([n.to(self._device) for n in torch._foreach_norm(
-                    self._w0, 2, dtype=torch.float32)]).cpu().numpy().astype(float)
+                w0n = torch.stack([n.to(self._device) for n in _foreach_norm32(
+                    self._w0, 2, self._wide)]).cpu().numpy().astype(float)
             self._w0_sq = self._layer_sum(w0n * w0n * self._sample_scale)
 
     def _samples(self) -> list[torch.Tensor]:
@@ -480,7 +557,7 @@ class TorchWatcher:
 
     def _norms(self, tensors: list[torch.Tensor], ord: float = 2) -> torch.Tensor:
         """One batched norm per tensor, stacked on the watcher's device."""
-        norms = torch._foreach_norm(tensors, ord, dtype=torch.float32)
+        norms = _foreach_norm32(tensors, ord, self._wide)
         if not self._one_device:
             norms = [n.to(self._device) for n in norms]
         return torch.stack(norms)
@@ -494,7 +571,7 @@ class TorchWatcher:
         with torch.no_grad():
             if present is None and grads:
                 if self._one_device:
-                    torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32), out=row)
+                    torch.stack(_foreach_norm32(grads, 2, self._wide), out=row)
                 else:
                     row.copy_(self._norms(grads))
                 self._has_grad[slot] = self._all_layers
@@ -508,11 +585,67 @@ class TorchWatcher:
                 row.zero_().index_copy_(0, present[1], self._norms(grads))
                 self._has_grad[slot] = present[2]
             self._backward_seen = True
-            if check_next and self._is_detail_step(self._step + 1):
-                self._check_extra = self._grad_extras(grads, present)
+            self._grad_versions = self._versions(grads, present)
+            if check_next:
+                self._dots = self._grad_dots(grads, present)
+                if self._is_detail_step(self._step + 1):
+                    self._check_extra = self._grad_extras(grads, present)
         if self._opt_ref is None:
             self._inv_scale[slot] = self._inv(self._scaler_ref() if self._scaler_ref else None)
             self._commit()
+
+    def _versions(self, grads: list[torch.Tensor],
+                  present: tuple[list[int], torch.Tensor, np.ndarray] | None) -> tuple | None:
+        """The in-place version counters of the first and last gradient as the backward left
+        them: anything that rescales gradients before the step (clip_grad_norm_ multiplies
+        every gradient even when it does not need to clip, GradScaler.unscale_ divides them)
+        moves them on. Two tensors read, whatever the model's size."""
+        if not grads:
+            return None
+        # ``grads`` are those present, in parameter order.
+        first, last = (0, len(grads) - 1) if present is None else (present[0][0], present[0][-1])
+        a, b = grads[0], grads[-1]
+        if a.is_sparse or b.is_sparse:
+            return None
+        return ((first, id(a), a._version), (last, id(b), b._version))
+
+    def _note_clipping(self, scaled: bool) -> None:
+        """At the end of a step: were the gradients rescaled in place after the backward?
+        GradScaler's unscale is one rescale of its own (``scaled``); more is clipping."""
+        record, self._grad_versions = self._grad_versions, None
+        if record is None or self._clipping_seen:
+            return
+        bumps = []
+        for index, ident, version in record:
+            g = self._params[index].grad
+            if g is not None and self._sharded:
+                g = local(g)
+            if g is None or id(g) != ident:
+                return  # replaced, not rescaled: nothing to tell
+            bumps.append(g._version - version)
+        if min(bumps) > (1 if scaled else 0):
+            self._clipping_seen = True
+
+    def _grad_dots(self, grads: list[torch.Tensor],
+                   present: tuple[list[int], torch.Tensor, np.ndarray] | None
+                   ) -> torch.Tensor | None:
+        """g . W per parameter at the check step (NaN where not measured), for cos(g, W): a
+        gradient parallel to its weights is an L2 penalty's pull, not a data gradient."""
+        if self._sharded:
+            return None  # a shard's dot product would need its own all-reduce
+        ids = present[0] if present is not None else range(len(grads))
+        out = torch.full((len(self._params),), math.nan, device=self._device)
+        dots, keep = [], []
+        for i, g in zip(ids, grads):
+            w = self._params[i]
+            if g.is_sparse or g.shape != w.shape or g.dtype != w.dtype:
+                continue
+            dots.append(torch.dot(g.reshape(-1), w.detach().reshape(-1)).float().to(self._device))
+            keep.append(i)
+        if dots:
+            out.index_copy_(0, torch.tensor(keep, dtype=torch.long, device=self._device),
+                            torch.stack(dots))
+        return out
 
     def _grad_extras(self, grads: list[torch.Tensor],
                      present: tuple[list[int], torch.Tensor, np.ndarray] | None) -> torch.Tensor:
@@ -586,7 +719,10 @@ class TorchWatcher:
             if self._w0:
                 self._snapshot = [s.clone() for s in self._samples()]
             # The gradients the optimizer is about to apply (after any clipping, unscaled):
-            # compared with the end of backward, they tell whether the user clips.
+            # compared with the end of backward, they tell whether the user clips. Not when
+            # the backward runs inside step() (a closure: LBFGS, Lightning): they are stale.
+            if not self._backward_seen:
+                return
             grads = self._grads()
             present = self._present(grads)
             if present is None:
@@ -596,6 +732,8 @@ class TorchWatcher:
                     0, present[1], self._norms([grads[i] for i in present[0]]))
 
     def _on_post_step(self) -> None:
+        slot = self._step % self.monitor.check_every
+        self._note_clipping(self._inv_scale[slot] is not None)
         self._commit()
 
     def observe_loss(self, loss: Any) -> None:
@@ -693,6 +831,8 @@ class TorchWatcher:
             parts.append(extra.flatten() if extra is not None else
                          torch.full((2 * n,), math.nan, device=dev))
             parts.append(pre if pre is not None else torch.full((n,), math.nan, device=dev))
+            dots = self._dots
+            parts.append(dots if dots is not None else torch.full((n,), math.nan, device=dev))
             inv = self._inv_scale
             parts.append(torch.stack([s.to(dev).reshape(()) if s is not None else
                                       torch.ones((), device=dev) for s in inv])
@@ -710,7 +850,7 @@ class TorchWatcher:
             self._w0_sq = self._layer_sum(host[-n:])
         has_snapshot = self._snapshot is not None
         has_extra = self._check_extra is not None
-        self._check_extra = self._pre_norms = self._snapshot = None
+        self._check_extra = self._pre_norms = self._snapshot = self._dots = None
         self._inv_scale = [None] * window
         stats = self._unpack(host, act_names, losses, has_snapshot, has_extra)
         self._activations = {}
@@ -778,6 +918,7 @@ class TorchWatcher:
         norms = take(window * n).reshape(window, n)
         gmax_p, nnz_p = take(2 * n).reshape(2, n)
         pre_p = take(n)
+        dot_p = take(n)
         inv = take(window)
         # Rows in step order: the window's slots are step-1 modulo the window.
         steps = np.array(self._window_steps, dtype=np.int64)
@@ -791,20 +932,28 @@ class TorchWatcher:
             gzero = 1 - self._layer_sum(nnz_p) / np.maximum(self._grad_size, 1)
             bwd_total = math.sqrt(sq[last].sum()) * inv[last] if n else math.nan
             pre_total = math.sqrt((pre_p * pre_p).sum()) if n else math.nan
-        wnorm = wbad = ratio = change = None
+
+        wnorm = wbad = ratio = change = orth = None
         if n:
             wn = take(n)
             wnorm = np.sqrt(self._layer_sum(wn * wn))
+            if np.isfinite(dot_p).any():
+                with np.errstate(over="ignore", invalid="ignore"):
+                    orth = np.sqrt(self._layer_sum(orthogonal_norms(
+                        sq[last], dot_p, wn * wn))) * inv[last]
             wbad = self._layer_sum((~np.isfinite(wn)).astype(float))
             if self._w0:
                 scale = self._sample_scale
                 with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                     d0 = take(n)
-                    change = np.sqrt(self._layer_sum(d0 * d0 * scale) / self._w0_sq)
+                    # A layer that started at zero (a bias) has no relative change: NaN, not inf.
+                    change = np.where(self._w0_sq > 0, np.sqrt(
+                        self._layer_sum(d0 * d0 * scale) / self._w0_sq), math.nan)
                     if has_snapshot:
                         du, snap = take(n), take(n)
-                        ratio = np.sqrt(self._layer_sum(du * du * scale)
-                                        / self._layer_sum(snap * snap * scale))
+                        before = self._layer_sum(snap * snap * scale)
+                        ratio = np.where(before > 0, np.sqrt(
+                            self._layer_sum(du * du * scale) / before), math.nan)
                     else:
                         ratio = np.full(len(self._layers), math.nan)
         acts = take(len(act_names))
@@ -836,7 +985,7 @@ class TorchWatcher:
             grad_max=(gmax if n else np.zeros(0)) if has_extra else None, grad_nonfinite=gbad,
             grad_zero_fraction=gzero if has_extra else None,
             weight_norm=wnorm, weight_nonfinite=wbad, update_ratio=ratio, weight_change=change,
-            activations=activations,
+            grad_norm_orthogonal=orth, activations=activations,
         )
 
     def _sample_activation(self, name: str, kind: str, out: Any) -> None:
@@ -938,6 +1087,8 @@ class TorchWatcher:
         opt = self._opt_ref() if self._opt_ref is not None else None
         info = self._model_info(model, opt)
         info = dataclasses.replace(info, clipping=self._clipping_seen or None)
+        if self._residual_graph is not None:
+            info = dataclasses.replace(info, residual=bool(self._residual_graph or info.residual))
         self.monitor.set_context(RunContext(model=info, layers=self._layer_infos()))
 
     # -- public API --------------------------------------------------------------------------

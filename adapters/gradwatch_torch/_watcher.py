@@ -368,7 +368,7 @@ class TorchWatcher:
         self._backward_seen = False
         self._index_cache: tuple[list[int], torch.Tensor, np.ndarray] | None = None
         self._check_extra: torch.Tensor | None = None  # [2, params]: max |g|, non-zeros
-        self._dots: torch.Tensor | None = None  # [params]: g . W at the check step
+        self._dots: torch.Tensor | None = None  # [2, params]: g . W and ||W|| at the check step
         self._pre_norms: torch.Tensor | None = None
         self._snapshot: list[torch.Tensor] | None = None
         self._activations: dict[str, tuple[str, torch.Tensor, int]] = {}
@@ -629,22 +629,25 @@ class TorchWatcher:
     def _grad_dots(self, grads: list[torch.Tensor],
                    present: tuple[list[int], torch.Tensor, np.ndarray] | None
                    ) -> torch.Tensor | None:
-        """g . W per parameter at the check step (NaN where not measured), for cos(g, W): a
-        gradient parallel to its weights is an L2 penalty's pull, not a data gradient."""
+        """g . W and ||W|| per parameter at the check step, W as the gradient saw it (before
+        the update; NaN where not measured): the gradient's component along its own weights is
+        an L2 penalty's pull, not a data gradient."""
         if self._sharded:
             return None  # a shard's dot product would need its own all-reduce
         ids = present[0] if present is not None else range(len(grads))
-        out = torch.full((len(self._params),), math.nan, device=self._device)
-        dots, keep = [], []
+        out = torch.full((2, len(self._params)), math.nan, device=self._device)
+        dots, weights, keep = [], [], []
         for i, g in zip(ids, grads):
-            w = self._params[i]
+            w = self._params[i].detach()
             if g.is_sparse or g.shape != w.shape or g.dtype != w.dtype:
                 continue
-            dots.append(torch.dot(g.reshape(-1), w.detach().reshape(-1)).float().to(self._device))
+            dots.append(torch.dot(g.reshape(-1), w.reshape(-1)).float().to(self._device))
+            weights.append(w)
             keep.append(i)
         if dots:
-            out.index_copy_(0, torch.tensor(keep, dtype=torch.long, device=self._device),
-                            torch.stack(dots))
+            index = torch.tensor(keep, dtype=torch.long, device=self._device)
+            out[0].index_copy_(0, index, torch.stack(dots))
+            out[1].index_copy_(0, index, self._norms(weights))
         return out
 
     def _grad_extras(self, grads: list[torch.Tensor],
@@ -832,7 +835,8 @@ class TorchWatcher:
                          torch.full((2 * n,), math.nan, device=dev))
             parts.append(pre if pre is not None else torch.full((n,), math.nan, device=dev))
             dots = self._dots
-            parts.append(dots if dots is not None else torch.full((n,), math.nan, device=dev))
+            parts.append(dots.flatten() if dots is not None else
+                         torch.full((2 * n,), math.nan, device=dev))
             inv = self._inv_scale
             parts.append(torch.stack([s.to(dev).reshape(()) if s is not None else
                                       torch.ones((), device=dev) for s in inv])
@@ -918,7 +922,7 @@ class TorchWatcher:
         norms = take(window * n).reshape(window, n)
         gmax_p, nnz_p = take(2 * n).reshape(2, n)
         pre_p = take(n)
-        dot_p = take(n)
+        dot_p, wb_p = take(2 * n).reshape(2, n)
         inv = take(window)
         # Rows in step order: the window's slots are step-1 modulo the window.
         steps = np.array(self._window_steps, dtype=np.int64)
@@ -940,7 +944,7 @@ class TorchWatcher:
             if np.isfinite(dot_p).any():
                 with np.errstate(over="ignore", invalid="ignore"):
                     orth = np.sqrt(self._layer_sum(orthogonal_norms(
-                        sq[last], dot_p, wn * wn))) * inv[last]
+                        sq[last], dot_p, wb_p * wb_p))) * inv[last]
             wbad = self._layer_sum((~np.isfinite(wn)).astype(float))
             if self._w0:
                 scale = self._sample_scale

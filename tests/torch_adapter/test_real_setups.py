@@ -186,7 +186,7 @@ def test_the_gradient_across_the_weights_matches_an_independent_computation():
     definition, with the model's own tensors."""
     torch.manual_seed(0)
     model = mlp(depth=2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay put: W is known exactly
+    opt = torch.optim.SGD(model.parameters(), lr=5.0)  # a large step: before != after
     seen = []
     keep = type("Keep", (), {"gradwatch_step_stats": gradwatch.hookimpl(
         lambda self, stats: seen.append(stats))})()
@@ -204,7 +204,11 @@ def test_the_gradient_across_the_weights_matches_an_independent_computation():
     w.remove()
     stats = seen[-1]
     np.testing.assert_allclose(stats.grad_norm[-1], norms, rtol=1e-4)
+    # with the weights the gradient was computed at (before the step), not the updated ones
     np.testing.assert_allclose(stats.grad_norm_orthogonal, expected, rtol=1e-3)
+    moved = [math.sqrt(sum(float((p.grad ** 2).sum() - (p.grad * p).sum() ** 2 / (p ** 2).sum())
+                           for p in m.parameters())) for m in linear]
+    assert not np.allclose(moved, expected, rtol=1e-3)
     assert all(o < n for o, n in zip(expected, norms))
 
 

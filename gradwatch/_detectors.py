@@ -498,7 +498,8 @@ class LossPlateauDetector(Detector):
                 self._head.append(loss)
             self._last5.append(loss)
             if len(self._last5) == 5:
-                self._peak = max(self._peak, statistics.median(self._last5))
+                # the median of five; sorted() is ~4x cheaper than statistics.median here
+                self._peak = max(self._peak, sorted(self._last5)[2])
             self._block.append(loss)
             if len(self._block) < self.window:
                 continue

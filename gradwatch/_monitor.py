@@ -331,12 +331,11 @@ class _RunTrend:
         self.lr = math.nan
 
     def add(self, stats: StepStats, learning_rates: Sequence[float]) -> None:
-        finite = stats.loss[stats.has_loss & np.isfinite(stats.loss)]
-        for x in finite.tolist():
-            if len(self.start) < 3:
-                self.start.append(x)
-            self.losses.append(x)
-        lrs = [x for x in learning_rates if math.isfinite(x)]
+        finite = stats.loss[stats.has_loss & np.isfinite(stats.loss)].tolist()
+        if len(self.start) < 3:
+            self.start.extend(finite[:3 - len(self.start)])
+        self.losses.extend(finite)
+        lrs = [x for x in learning_rates if math.isfinite(x)]  # one per parameter group
         if lrs:
             self.lr = max(lrs)
             self.peak_lr = self.lr if math.isnan(self.peak_lr) else max(self.peak_lr, self.lr)

@@ -199,3 +199,35 @@ def test_the_event_file_keeps_the_severity(tmp_path):
     [f] = [e for e in events if e["event"] == "finding"]
     assert f["severity"] == "info"
     assert gradwatch.Finding.from_dict(f).severity == "info"
+
+
+def test_a_run_knocked_into_a_trivial_solution_is_warned_at_its_plateau():
+    """GPT-2 at lr 0.2: the loss blows up in its first steps, then sits just below its start
+    (the unigram entropy). Stuck, with a 5-step peak far above the start: a warning at once,
+    with the divergence advice, not 'check that the loss depends on these layers'."""
+    det = gradwatch.LossPlateauDetector()
+    det.bind(gradwatch.RunContext(model=gradwatch.ModelInfo(framework="test",
+                                                            learning_rates=(0.2,)),
+                                  layers=(gradwatch.LayerInfo("0", "Linear", 4),)))
+    losses = [4.2, 5.5, 7.4, 7.0, 6.5, 6.0] + [3.9] * 300
+    found = None
+    for start in range(0, len(losses), 10):
+        chunk = losses[start:start + 10]
+        steps = np.arange(start + 1, start + len(chunk) + 1)
+        stats = gradwatch.StepStats(step=int(steps[-1]), layers=("0",), steps=steps,
+                                    grad_norm=np.ones((len(chunk), 1)),
+                                    has_grad=np.ones((len(chunk), 1), bool),
+                                    loss=np.array(chunk), grad_size=np.ones(1))
+        result = det.update(stats)
+        if result:
+            found = result[0]
+            break
+    assert found is not None and found.step <= 250
+    assert found.evidence["stuck"] is True and found.evidence["first"] == pytest.approx(4.2)
+    assert found.evidence["peak"] >= 1.3
+    assert "trivial solution" in found.message
+    assert any("learning rate" in a for a in found.advice)
+    assert judge(found, EV).severity == "warning"
+    # the same plateau without the blow-up is a fact for now
+    calm = dataclasses.replace(found, evidence={**found.evidence, "peak": 1.0})
+    assert judge(calm, EV).severity == "info"

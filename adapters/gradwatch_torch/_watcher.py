@@ -1119,9 +1119,16 @@ class TorchWatcher:
         if not self._removed:
             self._removed = True
             _remove_handles(self._handles)
+            # Every tensor of the model's (parameters, through the layer list too, and their
+            # gradients' samples) goes: the report, kept by the watcher, needs none of them.
+            for layer in self._layers:
+                layer.params = []
             self._params = []
             self._w0 = []
             self._snapshot = None
+            self._check_extra = self._pre_norms = self._dots = None
+            self._losses = []
+            self._loss_slot = [None] * len(self._loss_slot)
             self._activations = {}
             self._index_cache = None
             self._model_ref = lambda: None

@@ -260,3 +260,23 @@ def test_a_layer_that_starts_at_zero_has_no_relative_change():
     dec = next(r for r in w.report().layers if r.name == "dec")
     assert math.isnan(dec.weight_change)  # started at 0: no "inf %"
     assert not [f for f in w.findings if f.kind == "large_update" and f.layer == "dec"]
+
+
+@pytest.mark.parametrize("update_ratio", ["sampled", "exact"])
+def test_remove_releases_the_models_tensors_while_the_watcher_lives(update_ratio):
+    """The documented use keeps the watcher (``print(w.report())`` after the block): its
+    parameters and their gradients must not be held by it."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gradwatch.torch.watch(model, optimizer=opt, check_every=5,
+                               update_ratio=update_ratio) as w:
+        train(model, opt, w, 12)
+    weight, grad = weakref.ref(model[0].weight), weakref.ref(model[0].weight.grad)
+    del model, opt
+    gc.collect()
+    assert weight() is None and grad() is None
+    assert w.report().steps == 12 and "0" in str(w.report())  # the report still works

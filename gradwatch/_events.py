@@ -26,7 +26,7 @@ from ._findings import Finding, from_json_number
 #: spelled a non-finite value as a string.
 _NUMERIC: dict[str, tuple[str, ...]] = {
     "stats": ("loss", "grad_norm", "grad_max", "grad_nonfinite", "grad_zero_fraction",
-              "weight_norm", "update_ratio", "weight_change"),
+              "weight_norm", "update_ratio", "weight_change", "grad_norm_orthogonal"),
     "finding": ("value", "threshold"),
 }
 _ACTIVATION_NUMERIC = ("dead_fraction", "saturated_fraction")

@@ -144,7 +144,7 @@ class JsonlSink:
                  "loss": stats.loss, "has_loss": stats.has_loss, "grad_norm": stats.grad_norm[-1],
                  "has_grad": stats.has_grad[-1]}
         for name in ("grad_max", "grad_nonfinite", "grad_zero_fraction", "weight_norm",
-                     "update_ratio", "weight_change"):
+                     "update_ratio", "weight_change", "grad_norm_orthogonal"):
             value = getattr(stats, name)
             if value is not None:
                 event[name] = value

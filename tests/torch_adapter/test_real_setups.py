@@ -280,3 +280,20 @@ def test_remove_releases_the_models_tensors_while_the_watcher_lives(update_ratio
     gc.collect()
     assert weight() is None and grad() is None
     assert w.report().steps == 12 and "0" in str(w.report())  # the report still works
+
+
+def test_the_event_file_carries_the_gradient_across_the_weights(tmp_path):
+    import json
+
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    path = tmp_path / "run.jsonl"
+    with gradwatch.torch.watch(model, optimizer=opt, check_every=5, events=path) as w:
+        train(model, opt, w, 10, penalty=1e-2)
+    stats = [json.loads(x) for x in path.read_text().splitlines()]
+    stats = [e for e in stats if e["event"] == "stats"]
+    assert len(stats) == 2
+    for e in stats:
+        orth, norms = np.array(e["grad_norm_orthogonal"]), np.array(e["grad_norm"])
+        assert orth.shape == norms.shape and (orth <= norms * (1 + 1e-6)).all() and (orth > 0).all()

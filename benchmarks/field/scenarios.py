@@ -43,6 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import gradwatch
+from gradwatch._findings import json_number, to_json_ready
 
 HEALTHY = "healthy"
 THREADS = 1
@@ -1508,27 +1509,9 @@ def _mean(xs: Sequence[float]) -> float:
     return float(sum(xs) / len(xs))
 
 
-def _json(x: float | None) -> float | str | None:
-    if x is None:
-        return None
-    x = float(x)
-    if math.isnan(x):
-        return "NaN"
-    if math.isinf(x):
-        return "Infinity" if x > 0 else "-Infinity"
-    return x
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return _json(float(obj))
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    return obj
+# Strict JSON (NaN/Infinity as strings), as gradwatch's own event file writes it.
+_json = json_number
+_jsonable = to_json_ready
 
 
 def _last_line(tb: str) -> str:

@@ -16,13 +16,19 @@ PyTorch model permutes to NHWC before ``flatten``), so the dense weights after i
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
-from collections.abc import Iterable, Sequence
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
+import gradwatch
 from gradwatch import _experiments as ex
+from gradwatch._findings import to_json_ready
 
 # -- families --------------------------------------------------------------------------------
 
@@ -608,27 +614,15 @@ def check_truth(spec: ModelSpec, ev: Evidence) -> Truth:
 
 
 def json_safe(x: Any) -> Any:
-    """Plain JSON (no NaN/Inf: those become the strings ``"NaN"``, ``"Infinity"``)."""
+    """Plain JSON (no NaN/Inf: those become the strings ``"NaN"``, ``"Infinity"``): dataclasses as
+    dicts, the rest as gradwatch's own event file writes it."""
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return {f.name: json_safe(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        return json_safe({f.name: getattr(x, f.name) for f in dataclasses.fields(x)})
     if isinstance(x, dict):
         return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [json_safe(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        x = float(x)
-        if math.isnan(x):
-            return "NaN"
-        if math.isinf(x):
-            return "Infinity" if x > 0 else "-Infinity"
-        return x
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.ndarray):
-        return json_safe(x.tolist())
-    if isinstance(x, (str, int, bool)) or x is None:
-        return x
-    return repr(x)
+    return to_json_ready(x)
 
 
 @dataclasses.dataclass
@@ -751,3 +745,51 @@ def scores(runs: Sequence[RunResult]) -> list[Score]:
                 out.append(score(group, fw, fam.name))
         out.append(score(mine, fw, "all"))
     return out
+
+
+# -- one run, either framework ----------------------------------------------------------------
+
+
+class _ErrorRecords(logging.Handler):
+    """Keeps gradwatch's ERROR records (its own failures, with tracebacks)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(self.format(record))
+
+
+def run_spec(spec: ModelSpec, framework: str, watch: bool,
+             train: Callable[[ModelSpec, bool, Evidence], list]) -> RunResult:
+    """Run ``train(spec, watch, evidence)`` (which returns gradwatch's findings), keeping
+    gradwatch's internal failures apart and the run's own failure as a result, not a crash;
+    the label is then checked on the evidence it gathered."""
+    handler = _ErrorRecords()
+    logger = logging.getLogger("gradwatch")
+    logger.addHandler(handler)
+    start = time.perf_counter()
+    findings: list = []
+    internal: list[str] = []
+    error = None
+    ev = Evidence(layers=[n for n, _ in param_layers(spec)], probes=[])
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            findings = train(spec, watch, ev)
+        internal = [str(w.message) for w in caught
+                    if issubclass(w.category, gradwatch.GradWatchInternalWarning)]
+    except Exception:  # the run's own failure: recorded, the benchmark goes on
+        error = traceback.format_exc(limit=8)
+    finally:
+        logger.removeHandler(handler)
+    internal += handler.messages
+    seconds = time.perf_counter() - start
+    truth = (check_truth(spec, ev) if ev.probes and error is None
+             else Truth(False, "no evidence (the run failed)", (), None))
+    return RunResult(
+        name=spec.name, framework=framework, family=spec.family, variant=spec.variant,
+        seed=spec.seed, l2=bool(spec.l2), healthy=spec.healthy, truth=truth, evidence=ev,
+        findings=[FindingRecord.of(f) for f in findings], watched=watch, seconds=seconds,
+        internal=internal, error=error)

@@ -10,11 +10,7 @@ called, so none of gradwatch's activation wrappers runs) and its gradient taken 
 
 from __future__ import annotations
 
-import logging
 import os
-import time
-import traceback
-import warnings
 from typing import Any
 
 # One thread: set before TensorFlow starts (the benchmark's entry point sets these too).
@@ -26,7 +22,6 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
-import gradwatch  # noqa: E402
 from gradwatch.keras import GradWatchCallback  # noqa: E402
 
 from . import families as fm  # noqa: E402
@@ -207,54 +202,18 @@ class Evidence(keras.callbacks.Callback):
             dead_fraction=dict(zip(self.sites, m["dead"].tolist()))))
 
 
-class _ErrorRecords(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(self.format(record))
-
-
 def run(spec: fm.ModelSpec, watch: bool = True) -> fm.RunResult:
     """``fit`` ``spec`` (with gradwatch's callback, default options, when ``watch``)."""
-    threads = None
-    if BACKEND == "torch":
-        import torch
+    if BACKEND != "torch":
+        return fm.run_spec(spec, FRAMEWORK, watch, _fit)
+    import torch
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-    handler = _ErrorRecords()
-    logger = logging.getLogger("gradwatch")
-    logger.addHandler(handler)
-    start = time.perf_counter()
-    findings: list = []
-    internal: list[str] = []
-    error = None
-    ev = fm.Evidence(layers=[n for n, _ in fm.param_layers(spec)], probes=[])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            findings = _fit(spec, watch, ev)
-        internal = [str(w.message) for w in caught
-                    if issubclass(w.category, gradwatch.GradWatchInternalWarning)]
-    except Exception:
-        error = traceback.format_exc(limit=8)
+        return fm.run_spec(spec, FRAMEWORK, watch, _fit)
     finally:
-        logger.removeHandler(handler)
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
-    internal += handler.messages
-    seconds = time.perf_counter() - start
-    truth = (fm.check_truth(spec, ev) if ev.probes and error is None
-             else fm.Truth(False, "no evidence (the run failed)", (), None))
-    return fm.RunResult(
-        name=spec.name, framework=FRAMEWORK, family=spec.family, variant=spec.variant,
-        seed=spec.seed, l2=bool(spec.l2), healthy=spec.healthy, truth=truth, evidence=ev,
-        findings=[fm.FindingRecord.of(f) for f in findings], watched=watch, seconds=seconds,
-        internal=internal, error=error)
+        torch.set_num_threads(threads)
 
 
 def _fit(spec: fm.ModelSpec, watch: bool, ev: fm.Evidence) -> list:

@@ -9,11 +9,6 @@ that calls each module's ``forward`` directly (no module hooks run, so gradwatch
 
 from __future__ import annotations
 
-import logging
-import time
-import traceback
-import warnings
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -154,49 +149,14 @@ def _probe(spec: fm.ModelSpec, model: Net, step: int, x: torch.Tensor, y: torch.
                     total_grad_norm=total, dead_fraction=dead)
 
 
-class _ErrorRecords(logging.Handler):
-    """Keeps gradwatch's ERROR records (its own failures, with tracebacks)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(self.format(record))
-
-
 def run(spec: fm.ModelSpec, watch: bool = True) -> fm.RunResult:
     """Train ``spec`` (watched by gradwatch with its defaults when ``watch``) on one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    handler = _ErrorRecords()
-    logger = logging.getLogger("gradwatch")
-    logger.addHandler(handler)
-    start = time.perf_counter()
-    findings: list = []
-    internal: list[str] = []
-    error = None
-    ev = fm.Evidence(layers=[n for n, _ in fm.param_layers(spec)], probes=[])
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            findings = _train(spec, watch, ev)
-        internal = [str(w.message) for w in caught
-                    if issubclass(w.category, gradwatch.GradWatchInternalWarning)]
-    except Exception:  # the run's own failure: recorded, the benchmark goes on
-        error = traceback.format_exc(limit=8)
+        return fm.run_spec(spec, FRAMEWORK, watch, _train)
     finally:
-        logger.removeHandler(handler)
         torch.set_num_threads(threads)
-    internal += handler.messages
-    seconds = time.perf_counter() - start
-    truth = (fm.check_truth(spec, ev) if ev.probes and error is None
-             else fm.Truth(False, "no evidence (the run failed)", (), None))
-    return fm.RunResult(
-        name=spec.name, framework=FRAMEWORK, family=spec.family, variant=spec.variant,
-        seed=spec.seed, l2=bool(spec.l2), healthy=spec.healthy, truth=truth, evidence=ev,
-        findings=[fm.FindingRecord.of(f) for f in findings], watched=watch, seconds=seconds,
-        internal=internal, error=error)
 
 
 def _train(spec: fm.ModelSpec, watch: bool, ev: fm.Evidence) -> list:

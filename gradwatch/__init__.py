@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import keras, torch  # noqa: E402  (neither imports its framework until used)
-from ._context import RunContext
+from ._context import RunContext, RunInfo
 from ._detectors import (
     DeadUnitsDetector,
     Detector,
@@ -90,6 +90,7 @@ __all__ = [
     "NonFiniteWarning",
     "Report",
     "RunContext",
+    "RunInfo",
     "SaturationDetector",
     "SaturationWarning",
     "StepStats",

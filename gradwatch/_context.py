@@ -56,3 +56,29 @@ def empty_context(layers: tuple[str, ...] = ()) -> RunContext:
         model=ModelInfo(framework="unknown", depth=len(layers)),
         layers=tuple(LayerInfo(name=n, type="Layer", num_params=0) for n in layers),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """What sinks are told about the watched run: a frozen description, not the engine.
+
+    Handed to every sink hook; a new one is made when the adapter reports a change (layers,
+    learning rate, clipping), so a sink that keeps one keeps what was true when it got it.
+    """
+
+    #: The run name given to the watcher (``name=``), or ``None``.
+    name: str | None
+    #: The adapter's framework name: ``"torch"``, ``"keras"``, or a third party's.
+    framework: str
+    #: The watched layers in depth order.
+    layers: tuple[LayerInfo, ...]
+    #: What the adapter saw of the model (activations, normalisation, optimizer, LR, clipping).
+    model: ModelInfo
+    #: Optimizer steps between checks.
+    check_every: int
+    #: Steps between activation samples and detail checks, or ``None`` when disabled.
+    activation_every: int | None
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(layer.name for layer in self.layers)

@@ -12,13 +12,14 @@ import collections
 import math
 import numbers
 import statistics
+from collections.abc import Mapping
 
 import numpy as np
 
 from . import _advice
 from . import _validate as v
 from ._context import RunContext, empty_context
-from ._findings import Finding
+from ._findings import Finding, GradientHealthWarning
 from ._severity import BLOWN_UP
 from ._stats import StepStats
 
@@ -32,6 +33,9 @@ class Detector:
 
     #: Finding kinds this detector can produce.
     kinds: tuple[str, ...] = ()
+    #: The warning class of each of its own kinds, for a third-party detector (a subclass of
+    #: :class:`GradientHealthWarning`); kinds not named here are emitted as the base class.
+    categories: Mapping[str, type[GradientHealthWarning]] = {}
 
     def __init__(self) -> None:
         self.context: RunContext = empty_context()

@@ -90,6 +90,20 @@ WARNING_FOR_KIND: dict[str, type[GradientHealthWarning]] = {
 }
 
 
+def register_warning_category(kind: str, category: type[GradientHealthWarning]) -> None:
+    """Emit findings of a third-party ``kind`` as ``category`` (a subclass of
+    :class:`GradientHealthWarning`). A built-in kind keeps its own class."""
+    if not isinstance(category, type) or not issubclass(category, GradientHealthWarning):
+        raise TypeError(f"the warning category of kind {kind!r} must be a subclass of "
+                        f"gradwatch.GradientHealthWarning, got {category!r}")
+    if kind in KINDS:
+        if WARNING_FOR_KIND[kind] is not category:
+            raise ValueError(f"kind {kind!r} is built in; it is emitted as "
+                             f"{WARNING_FOR_KIND[kind].__name__}")
+        return
+    WARNING_FOR_KIND[kind] = category
+
+
 def warning_category(kind: str) -> type[GradientHealthWarning]:
     """The warning class a finding of ``kind`` is emitted as (the base class for unknown kinds)."""
     return WARNING_FOR_KIND.get(kind, GradientHealthWarning)

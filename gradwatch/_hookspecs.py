@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from ._context import RunInfo
     from ._detectors import Detector
     from ._findings import Finding
-    from ._monitor import Monitor
     from ._report import Report
     from ._stats import StepStats
 
@@ -45,32 +45,34 @@ def gradwatch_default_detectors() -> list[Detector]:
 
 
 # -------------------------------------------------------------------------
-# sinks: everything that leaves the monitor
+# sinks: everything that leaves the monitor. Each receives ``run``, a frozen
+# :class:`~gradwatch.RunInfo` (name, framework, layers, model facts, check schedule): data, not
+# the engine, so a sink cannot change the run it reports on.
 # -------------------------------------------------------------------------
 
 
 @hookspec
-def gradwatch_run_start(monitor: Monitor) -> None:
-    """A watched run starts (the monitor knows its layers and model summary). All are called."""
+def gradwatch_run_start(run: RunInfo) -> None:
+    """A watched run starts (its layers and model summary are known). All are called."""
 
 
 @hookspec
-def gradwatch_step_stats(monitor: Monitor, stats: StepStats) -> None:
+def gradwatch_step_stats(run: RunInfo, stats: StepStats) -> None:
     """Statistics of one check arrived, before detectors run. All are called."""
 
 
 @hookspec
-def gradwatch_finding(monitor: Monitor, finding: Finding) -> None:
+def gradwatch_finding(run: RunInfo, finding: Finding) -> None:
     """A condition started. All are called; an exception in one does not stop the others
     (except :class:`~gradwatch.GradientHealthError` and warnings turned into errors, which
     propagate to the training loop on purpose)."""
 
 
 @hookspec
-def gradwatch_finding_cleared(monitor: Monitor, finding: Finding, step: int) -> None:
+def gradwatch_finding_cleared(run: RunInfo, finding: Finding, step: int) -> None:
     """A condition reported earlier no longer holds at ``step``. All are called."""
 
 
 @hookspec
-def gradwatch_run_end(monitor: Monitor, report: Report) -> None:
+def gradwatch_run_end(run: RunInfo, report: Report) -> None:
     """The run ended (watcher removed, or Keras' on_train_end). All are called."""

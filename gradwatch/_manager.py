@@ -17,18 +17,17 @@ from ._findings import GradientHealthError, GradWatchInternalWarning
 
 logger = logging.getLogger("gradwatch")
 
-#: Entry-point group third-party plugins register under.
+#: Entry-point group every plugin registers under, gradwatch's own adapters included.
 ENTRY_POINT_GROUP = "gradwatch"
-#: Set to a non-empty value to skip third-party entry points (like PYTEST_DISABLE_PLUGIN_AUTOLOAD).
+#: Set to a non-empty value to skip third-party entry points (like PYTEST_DISABLE_PLUGIN_AUTOLOAD);
+#: the entry points of the gradwatch distribution itself (its adapters) still load.
 DISABLE_AUTOLOAD_ENV = "GRADWATCH_DISABLE_PLUGIN_AUTOLOAD"
+#: The distribution whose entry points load even with autoload disabled.
+DISTRIBUTION = "gradwatch"
 
-# Plugins that ship with gradwatch. Their modules import no framework at top level, so they are
-# always registered; the adapters import torch/keras only when a model of theirs shows up.
-_BUILTIN_PLUGINS = {
-    "builtin": "gradwatch._builtin",
-    "torch": "gradwatch_torch.plugin",
-    "keras": "gradwatch_keras.plugin",
-}
+# The core's own plugin (the built-in detectors). Adapters are not named here: they come in
+# through their entry points, like anyone's.
+_CORE_PLUGINS = {"builtin": "gradwatch._builtin"}
 
 _lock = threading.Lock()
 _manager: pluggy.PluginManager | None = None
@@ -48,13 +47,12 @@ def get_plugin_manager() -> pluggy.PluginManager:
     with _lock:
         if _manager is None:
             pm = new_plugin_manager()
-            for name, module in _BUILTIN_PLUGINS.items():
+            for name, module in _CORE_PLUGINS.items():
                 try:
                     pm.register(importlib.import_module(module), name=name)
                 except Exception as exc:  # a broken install must not break `import gradwatch`
                     _plugin_failed(name, exc)
-            if not os.environ.get(DISABLE_AUTOLOAD_ENV):
-                _load_entry_points(pm)
+            _load_entry_points(pm, own_only=bool(os.environ.get(DISABLE_AUTOLOAD_ENV)))
             _manager = pm
         return _manager
 
@@ -67,10 +65,18 @@ def reset_plugin_manager() -> None:
         failed_plugins.clear()
 
 
-def _load_entry_points(pm: pluggy.PluginManager) -> None:
+def _own(ep: importlib.metadata.EntryPoint) -> bool:
+    dist = getattr(ep, "dist", None)
+    name = getattr(dist, "name", None) or ""
+    return name.lower().replace("_", "-") == DISTRIBUTION
+
+
+def _load_entry_points(pm: pluggy.PluginManager, *, own_only: bool = False) -> None:
     # pluggy's load_setuptools_entrypoints does not guard ep.load(): one plugin that fails to
     # import would take every other plugin (and gradwatch) down with it.
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if own_only and not _own(ep):
+            continue
         if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
             continue
         try:

@@ -4,6 +4,7 @@ and keeps training alive when gradwatch itself fails."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import os
@@ -11,16 +12,21 @@ import statistics
 import traceback
 import types
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
 from . import _manager
 from . import _validate as v
-from ._context import RunContext
+from ._context import RunContext, RunInfo
 from ._detectors import Detector
-from ._findings import Finding, GradWatchInternalWarning
+from ._findings import (
+    Finding,
+    GradientHealthError,
+    GradWatchInternalWarning,
+    register_warning_category,
+)
 from ._report import LayerAggregate, LayerRow, Report
 from ._severity import RunEvidence, judge_all
 from ._sinks import FindingSink, JsonlSink
@@ -31,6 +37,19 @@ logger = logging.getLogger("gradwatch")
 #: Options every adapter accepts; adapters add their own.
 CORE_OPTIONS = ("detectors", "on_finding", "events", "check_every", "activation_every",
                 "repeat_after", "name", "plugins")
+#: What ``update_ratio=`` may be, in every adapter that measures update ratios.
+UPDATE_RATIO_MODES = ("sampled", "exact", "off")
+
+_R = TypeVar("_R")
+
+
+def check_options(who: str, options: Mapping[str, Any], own: Sequence[str] = ()) -> None:
+    """Refuse an option neither the core nor the adapter knows, naming it and the valid ones:
+    ``who`` is how the user called it (``"gradwatch.torch.watch"``)."""
+    unknown = sorted(set(options) - set(CORE_OPTIONS))
+    if unknown:
+        raise TypeError(f"{who} got unexpected option(s) {', '.join(unknown)}; valid options: "
+                        f"{', '.join(tuple(own) + CORE_OPTIONS)}")
 
 
 class Monitor:
@@ -53,6 +72,9 @@ class Monitor:
             reported again (flapping). Defaults to ``500``.
         name: A run name for the event file. Defaults to ``None``.
         plugins: Extra plugin objects (sinks, detectors) for this run only.
+        emit: ``False`` keeps findings (``findings``, the report) but tells nobody: no warning,
+            log record, callable or event file (a distributed rank that does not report).
+            Strict mode still raises. Adapters set it; users do not. Defaults to ``True``.
     """
 
     def __init__(
@@ -67,6 +89,7 @@ class Monitor:
         repeat_after: int = 500,
         name: str | None = None,
         plugins: Sequence[object] = (),
+        emit: bool = True,
     ) -> None:
         self.context = context
         self.check_every = v.positive_int("check_every", check_every)
@@ -88,9 +111,12 @@ class Monitor:
         for plugin_name, plugin in _manager.get_plugin_manager().list_name_plugin():
             if plugin is not None:
                 self.pm.register(plugin, name=plugin_name)
-        self.pm.register(FindingSink(on_finding), name="findings")
-        if events is not None:
+        self.pm.register(FindingSink(on_finding, quiet=not emit), name="findings")
+        if events is not None and emit:
             self.pm.register(JsonlSink(events), name="events")
+        #: Whether findings are told (warnings, logs, events), or only kept.
+        self.emits = bool(emit)
+        self._run_info: RunInfo | None = None
         for i, plugin in enumerate(plugins):
             # The name is what a failure report says: the plugin's class (or module), not a number.
             label = plugin.__name__ if isinstance(plugin, types.ModuleType) else type(plugin).__name__
@@ -106,6 +132,10 @@ class Monitor:
                 if not isinstance(d, Detector):
                     raise TypeError(f"detectors[{i}] must be a gradwatch.Detector, got "
                                     f"{type(d).__name__}")
+        for det in detectors:
+            # A third-party detector may name the warning class of its own kinds.
+            for kind, category in getattr(det, "categories", {}).items():
+                register_warning_category(kind, category)
         self.detectors: list[Detector] = detectors
         #: Findings in order of occurrence (starts only; clears go to the log and event file).
         self.findings: list[Finding] = []
@@ -140,11 +170,33 @@ class Monitor:
         """The run begins: sinks hear ``gradwatch_run_start`` (once per run)."""
         if not self._started:
             self._started = True
-            self._call("gradwatch_run_start", monitor=self)
+            self._call("gradwatch_run_start", run=self.run_info)
+
+    @property
+    def run_info(self) -> RunInfo:
+        """The frozen description sinks receive (remade after each change of the model)."""
+        if self._run_info is None:
+            ctx = self.context
+            self._run_info = RunInfo(name=self.run_name, framework=ctx.model.framework,
+                                     layers=ctx.layers, model=ctx.model,
+                                     check_every=self.check_every,
+                                     activation_every=self.activation_every)
+        return self._run_info
+
+    def update_model(self, **changes: Any) -> None:
+        """Tell the monitor what the adapter learnt about the model since watch time
+        (``learning_rates=``, ``clipping=``, ``residual=``, any :class:`ModelInfo` field);
+        detectors see it at their next check. Unchanged values cost nothing."""
+        model = self.context.model
+        if all(getattr(model, key) == value for key, value in changes.items()):
+            return
+        self.context.model = dataclasses.replace(model, **changes)
+        self._run_info = None
 
     def set_context(self, context: RunContext) -> None:
         """The adapter's view of the model changed (new layers): rebind and keep going."""
         self.context = context
+        self._run_info = None
         self._aggregate = LayerAggregate(len(context.layers))
         for det in self.detectors:
             try:
@@ -157,6 +209,25 @@ class Monitor:
 
     def is_activation_step(self, step: int) -> bool:
         return self.activation_every is not None and step % self.activation_every == 0
+
+    def is_detail_step(self, step: int) -> bool:
+        """Check steps that also measure max |g| and zero fractions: every
+        ``activation_every`` steps, or every 5th check without activation sampling. No
+        detector needs them at every check, and they cost more than the norms."""
+        every = self.activation_every or 5 * self.check_every
+        return step % every == 0
+
+    def guard(self, where: str, fn: Callable[..., _R], *args: Any) -> _R | None:
+        """Run ``fn(*args)`` for an adapter: gradwatch's own failure is reported once (as
+        ``where``) and ``None`` returned, so training goes on; strict mode's error and warnings
+        turned into errors propagate."""
+        try:
+            return fn(*args)
+        except (GradientHealthError, Warning):
+            raise
+        except Exception as exc:
+            self.internal_error(where, exc)
+            return None
 
     # -- the check ---------------------------------------------------------------------------
 
@@ -174,7 +245,7 @@ class Monitor:
                 self._loss_last = float(finite[-1])
         except Exception as exc:
             self.internal_error("report aggregation", exc)
-        self._call("gradwatch_step_stats", monitor=self, stats=stats)
+        self._call("gradwatch_step_stats", run=self.run_info, stats=stats)
         results = []
         with np.errstate(all="ignore"):  # extreme inputs are data, not warnings
             for det in self.detectors:
@@ -217,13 +288,14 @@ class Monitor:
                 continue
             self.findings.append(f)
             emitted.append(f)
-            self._call("gradwatch_finding", monitor=self, finding=f)
+            self._call("gradwatch_finding", run=self.run_info, finding=f)
         for f in cleared:
             key = (f.kind, f.layer)
             if key in self._silent:
                 self._silent.discard(key)
                 continue
-            self._call("gradwatch_finding_cleared", monitor=self, finding=f, step=stats.step)
+            self._call("gradwatch_finding_cleared", run=self.run_info, finding=f,
+                       step=stats.step)
         return emitted
 
     def _judge(self, stats: StepStats,
@@ -312,7 +384,7 @@ class Monitor:
         if not self._ended:
             self.start()
             self._ended = True
-            self._call("gradwatch_run_end", monitor=self, report=report)
+            self._call("gradwatch_run_end", run=self.run_info, report=report)
         return report
 
 

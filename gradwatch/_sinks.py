@@ -40,9 +40,14 @@ def _user_stacklevel() -> int:
 
 
 class FindingSink:
-    """Turns a new finding into a warning, a log record, an exception or a callback."""
+    """Turns a new finding into a warning, a log record, an exception or a callback.
 
-    def __init__(self, on_finding: str | Callable[[Finding], Any] = "warn") -> None:
+    ``quiet``: a run that keeps its findings but says nothing (a distributed rank that does not
+    emit); strict mode still stops it, so every rank stops together.
+    """
+
+    def __init__(self, on_finding: str | Callable[[Finding], Any] = "warn", *,
+                 quiet: bool = False) -> None:
         if not callable(on_finding) and on_finding not in ON_FINDING:
             raise ValueError(
                 f"on_finding must be one of {', '.join(map(repr, ON_FINDING))} or a callable "
@@ -50,13 +55,19 @@ class FindingSink:
             )
         #: "warn", "log", "raise" or a callable.
         self.on_finding = on_finding
+        #: Nothing is told; only strict mode acts.
+        self.quiet = quiet
 
     @hookimpl
     def gradwatch_finding(self, finding: Finding) -> None:
         # Layer names are the model's own strings: no escape sequence or line break reaches the
         # terminal through them.
-        text = plain(finding.render())
         mode = self.on_finding
+        if self.quiet:
+            if mode == "raise" and finding.is_warning:
+                raise GradientHealthError(finding)
+            return
+        text = plain(finding.render())
         if not finding.is_warning:
             # A fact, not a problem: the log and the findings list have it; no Python warning,
             # no strict-mode stop, no callback (which is there to act on problems).
@@ -76,12 +87,16 @@ class FindingSink:
 
     @hookimpl
     def gradwatch_finding_cleared(self, finding: Finding, step: int) -> None:
+        if self.quiet:
+            return
         where = f" in layer '{plain(finding.layer)}'" if finding.layer is not None else ""
         logger.info("step %d: %s%s (reported at step %d) has cleared.", step, plain(finding.kind),
                     where, finding.step)
 
     @hookimpl
     def gradwatch_run_end(self, report) -> None:
+        if self.quiet:
+            return
         logger.info("gradwatch summary:\n%s", report)
 
 
@@ -128,14 +143,13 @@ class JsonlSink:
         self._file.flush()
 
     @hookimpl
-    def gradwatch_run_start(self, monitor) -> None:
-        ctx = monitor.context
+    def gradwatch_run_start(self, run) -> None:
         self._write({
-            "event": "start", "run": monitor.run_name, "framework": ctx.model.framework,
-            "layers": [vars(layer) for layer in ctx.layers],
+            "event": "start", "run": run.name, "framework": run.framework,
+            "layers": [vars(layer) for layer in run.layers],
             "model": {k: sorted(x) if isinstance(x, frozenset) else x
-                      for k, x in vars(ctx.model).items()},
-            "check_every": monitor.check_every,
+                      for k, x in vars(run.model).items()},
+            "check_every": run.check_every,
         })
 
     @hookimpl

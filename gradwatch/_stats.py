@@ -156,10 +156,6 @@ def orthogonal_norms(grad_sq: np.ndarray, dot: np.ndarray, weight_sq: np.ndarray
     along = np.where(np.isfinite(along), along, 0.0)
     return np.where(np.isfinite(grad_sq), np.maximum(grad_sq - along, 0.0), grad_sq)
 
-    def rms(self, norms: np.ndarray) -> np.ndarray:
-        """Norms divided by sqrt(element count): a size-independent gradient magnitude."""
-        return norms / np.sqrt(np.maximum(self.grad_size, 1))
-
 
 def make_step_stats(
     step: int,

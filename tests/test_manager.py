@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import pathlib
 import subprocess
 import sys
 import types
@@ -31,13 +32,14 @@ def entry_point(name, value):
 
 @pytest.fixture
 def installed(monkeypatch):
-    """``installed(ep, ...)``: pretend these are the installed entry points."""
+    """``installed(ep, ...)``: pretend these are installed, beside gradwatch's own entry points
+    (its adapters, which load through them)."""
     real = importlib.metadata.entry_points
 
     def install(*eps):
         def entry_points(**kwargs):
             if kwargs.get("group") == _manager.ENTRY_POINT_GROUP:
-                return list(eps)
+                return list(real(**kwargs)) + list(eps)
             return real(**kwargs)
 
         monkeypatch.setattr(_manager.importlib.metadata, "entry_points", entry_points)
@@ -118,8 +120,18 @@ def test_autoload_env_var_skips_third_party_entry_points(
     pm = gradwatch.get_plugin_manager()
     assert (pm.get_plugin("jax") is not None) is loaded
     assert ("jax" in gradwatch.adapter_names()) is loaded
-    # Built-ins are not entry points to skip: they are always there.
-    assert pm.get_plugin("builtin") is not None and "torch" in gradwatch.adapter_names()
+    # gradwatch's own adapters come in through their entry points, autoload or not.
+    assert pm.get_plugin("builtin") is not None
+    assert {"torch", "keras"} <= set(gradwatch.adapter_names())
+
+
+def test_the_core_names_no_adapter_package():
+    """Adapters are plugins like any third party's: no core module imports or names one."""
+    core = pathlib.Path(gradwatch.__file__).parent
+    for path in sorted(core.glob("_*.py")):
+        text = path.read_text(encoding="utf-8")
+        for adapter in ("gradwatch_torch", "gradwatch_keras"):
+            assert adapter not in text, f"{path.name} names {adapter}"
 
 
 def test_the_builtin_adapters_own_entry_point_is_not_loaded_twice(installed):

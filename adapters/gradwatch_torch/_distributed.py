@@ -12,9 +12,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradwatch._findings import Finding, GradientHealthError
-from gradwatch._hookspecs import hookimpl
-
 RANKS = ("zero", "all")
 
 
@@ -120,11 +117,3 @@ def replication(tensor: Any, world: int) -> float:
 def all_reduce_sum(tensor: torch.Tensor) -> None:
     """Sum ``tensor`` over every rank of the default process group, in place."""
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-
-
-class QuietStrictSink:
-    """Strict mode on a rank that does not emit: raises, and says nothing."""
-
-    @hookimpl
-    def gradwatch_finding(self, finding: Finding) -> None:
-        raise GradientHealthError(finding)

@@ -48,7 +48,6 @@ from gradwatch._stats import (
 
 from ._distributed import (
     RANKS,
-    QuietStrictSink,
     all_reduce_sum,
     is_sharded,
     local,
@@ -215,12 +214,8 @@ class TorchWatcher:
         self._layers = self._collect_layers(model)
         context = RunContext(model=self._model_info(model, optimizer),
                              layers=self._layer_infos())
-        self.monitor = Monitor(context, **options)
-        if not self._emits:
-            # Findings are still kept (w.findings) and strict mode still stops this rank.
-            self.monitor.pm.unregister(name="findings")
-            if options.get("on_finding") == "raise":
-                self.monitor.pm.register(QuietStrictSink(), name="findings")
+        # A rank that does not emit still keeps findings, and strict mode still stops it.
+        self.monitor = Monitor(context, emit=self._emits, **options)
         self._handles: list[Any] = []
         self._structure_handles: list[Any] = []
         self._removed = False

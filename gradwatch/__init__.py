@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import keras, torch  # noqa: E402  (neither imports its framework until used)
+from . import keras, kit, torch  # noqa: E402  (neither imports its framework until used)
 from ._context import RunContext, RunInfo
 from ._detectors import (
     DeadUnitsDetector,
@@ -104,6 +104,7 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "keras",
+    "kit",
     "make_step_stats",
     "torch",
     "watch",

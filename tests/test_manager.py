@@ -3,6 +3,7 @@ fail to load, third-party detectors and adapters, and an import that pulls in no
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import logging
 import os
@@ -234,3 +235,21 @@ def test_gradwatch_imports_no_framework(action):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_builtin_adapters_import_only_public_core_names():
+    """The built-in adapters use the kit exactly as a third party's would: no private module."""
+    adapters = pathlib.Path(gradwatch.__file__).parent.parent / "adapters"
+    for path in sorted(adapters.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "gradwatch":
+                    assert not any(p.startswith("_") for p in parts[1:]), \
+                        f"{path.relative_to(adapters)}:{node.lineno} imports {name}"

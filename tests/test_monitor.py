@@ -288,3 +288,134 @@ def test_invalid_option_raises_naming_it(context, options, error, name):
 def test_a_single_detector_instead_of_a_list_raises_naming_detectors(context):
     with pytest.raises(TypeError, match="detectors"):
         gradwatch.Monitor(context, detectors=gradwatch.VanishingGradientDetector())
+
+
+# -- what adapters and sinks get from the monitor ---------------------------------------------
+
+
+class RunRecorder:
+    """A sink that keeps the run description each hook was handed."""
+
+    def __init__(self):
+        self.seen = []
+
+    @gradwatch.hookimpl
+    def gradwatch_run_start(self, run):
+        self.seen.append(("start", run))
+
+    @gradwatch.hookimpl
+    def gradwatch_finding(self, run, finding):
+        self.seen.append(("finding", run))
+
+    @gradwatch.hookimpl
+    def gradwatch_run_end(self, run, report):
+        self.seen.append(("end", run))
+
+
+def test_sinks_get_a_frozen_run_description_not_the_engine(context, scripted, finding, stats):
+    recorder = RunRecorder()
+    mon = gradwatch.Monitor(context, detectors=[scripted([finding(10)])], plugins=[recorder],
+                            on_finding="log", name="exp-1", check_every=5)
+    mon.check(stats(10))
+    mon.update_model(learning_rates=(0.01,), clipping=True)
+    mon.end()
+    kinds = [k for k, _ in recorder.seen]
+    assert kinds == ["start", "finding", "end"]
+    start, _, end = (run for _, run in recorder.seen)
+    assert isinstance(start, gradwatch.RunInfo) and not isinstance(start, gradwatch.Monitor)
+    assert (start.name, start.framework, start.check_every, start.activation_every) == \
+        ("exp-1", "test", 5, 25)
+    assert start.layer_names == ("0", "1", "2")
+    with pytest.raises(AttributeError):
+        start.name = "other"  # frozen: a sink cannot rewrite the run
+    # What the adapter said later reaches the next hook; the earlier description is unchanged.
+    assert start.model.learning_rates == (0.1,) and start.model.clipping is None
+    assert end.model.learning_rates == (0.01,) and end.model.clipping is True
+    assert mon.context.model.learning_rates == (0.01,)
+
+
+def test_a_quiet_monitor_keeps_findings_tells_nobody_and_still_stops_in_strict_mode(
+        context, scripted, finding, stats, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="gradwatch")
+    events = tmp_path / "events.jsonl"
+    told = []
+    mon = gradwatch.Monitor(context, detectors=[scripted([finding(10)], [])], emit=False,
+                            on_finding=told.append, events=events)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mon.check(stats(10))
+        mon.check(stats(20))
+        mon.end()
+    assert [f.step for f in mon.findings] == [10] and told == []
+    assert not events.exists()
+    assert not [r for r in caplog.records if r.name == "gradwatch"]
+    strict = gradwatch.Monitor(context, detectors=[scripted([finding(10)])], emit=False,
+                               on_finding="raise")
+    with pytest.raises(gradwatch.GradientHealthError):
+        strict.check(stats(10))
+
+
+def test_guard_reports_an_adapter_failure_once_and_lets_strict_mode_through(context, finding):
+    mon = gradwatch.Monitor(context, detectors=[], on_finding="log")
+
+    def broken():
+        raise KeyError("boom")
+
+    with pytest.warns(gradwatch.GradWatchInternalWarning, match="my adapter.*boom"):
+        assert mon.guard("my adapter", broken) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mon.guard("my adapter", broken) is None  # once per place
+    assert mon.guard("sum", sum, [1, 2]) == 3
+
+    def strict():
+        raise gradwatch.GradientHealthError(finding(10))
+
+    with pytest.raises(gradwatch.GradientHealthError):
+        mon.guard("my adapter", strict)
+    assert mon.report().internal_errors == ("my adapter: KeyError: 'boom'",)
+
+
+def test_detail_steps_follow_the_activation_schedule(context):
+    assert [s for s in range(1, 101) if gradwatch.Monitor(
+        context, detectors=[], check_every=10).is_detail_step(s)] == [50, 100]
+    assert [s for s in range(1, 61) if gradwatch.Monitor(
+        context, detectors=[], check_every=10, activation_every=20).is_detail_step(s)] == \
+        [20, 40, 60]
+    assert [s for s in range(1, 101) if gradwatch.Monitor(
+        context, detectors=[], check_every=10, activation_every=None).is_detail_step(s)] == \
+        [50, 100]
+
+
+class SpikeWarning(gradwatch.GradientHealthWarning):
+    """A third party's own category."""
+
+
+class SpikeDetector(gradwatch.Detector):
+    kinds = ("loss_spike_x",)
+    categories = {"loss_spike_x": SpikeWarning}
+
+    def update(self, stats):
+        return [gradwatch.Finding(kind="loss_spike_x", step=stats.step, layer=None, value=1.0,
+                                  threshold=0.5, message="the loss spiked")]
+
+
+def test_a_third_party_detector_declares_its_own_warning_category(context, stats):
+    mon = gradwatch.Monitor(context, detectors=[SpikeDetector()])
+    with pytest.warns(SpikeWarning, match="the loss spiked"):
+        mon.check(stats(10))
+    assert mon.findings[0].category is SpikeWarning
+
+
+def test_a_detector_cannot_take_over_a_built_in_kind_or_name_a_non_warning(context):
+    class Hijack(SpikeDetector):
+        categories = {"nonfinite": SpikeWarning}
+
+    class NotAWarning(SpikeDetector):
+        categories = {"loss_spike_y": ValueError}
+
+    with pytest.raises(ValueError, match="'nonfinite' is built in.*NonFiniteWarning"):
+        gradwatch.Monitor(context, detectors=[Hijack()])
+    with pytest.raises(TypeError, match="'loss_spike_y' must be a subclass of "
+                                        "gradwatch.GradientHealthWarning"):
+        gradwatch.Monitor(context, detectors=[NotAWarning()])

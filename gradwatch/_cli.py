@@ -3,73 +3,48 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
-import importlib.util
 import os
 import platform
 import shlex
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-FRAMEWORKS = ("torch", "keras")
+from .experiments import (
+    DEFAULT,
+    SETTINGS,
+    Experiment,
+    ExperimentRunner,
+    RunRecord,
+    RunResult,
+    Settings,
+    experiment_runners,
+)
+
+if TYPE_CHECKING:
+    from ._events import RunLog
+
 DEFAULT_OUT = "gradwatch-demo"
 
 
 # -- frameworks ------------------------------------------------------------------------------
 
 
-def _keras_backend() -> str:
-    backend = os.environ.get("KERAS_BACKEND")
-    if backend:
-        return backend
-    config = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")),
-                          "keras.json")
-    try:
-        import json
-
-        with open(config, encoding="utf-8") as fh:
-            return str(json.load(fh).get("backend", "tensorflow"))
-    except (OSError, ValueError, AttributeError):
-        return "tensorflow"
-
-
-def _unavailable(framework: str) -> str | None:
-    """Why ``framework`` cannot run here, or None when it can (checked without importing it)."""
-    if framework == "torch":
-        if importlib.util.find_spec("torch") is None:
-            return "PyTorch is not installed (pip install torch)"
-        return None
-    if importlib.util.find_spec("keras") is None:
-        return "Keras is not installed (pip install -e '.[keras]')"
-    backend = _keras_backend()
-    if backend == "jax":
-        return "the Keras callback does not support the JAX backend yet"
-    if importlib.util.find_spec(backend) is None:
-        return f"Keras' backend {backend!r} is not installed"
-    return None
-
-
-def _frameworks(choice: str) -> tuple[list[str], list[str]]:
-    """(frameworks to run, notes about the ones skipped)."""
-    wanted = FRAMEWORKS if choice == "all" else (choice,)
-    run, notes = [], []
+def _runners(choice: str, found: Mapping[str, ExperimentRunner]
+             ) -> tuple[list[ExperimentRunner], list[str]]:
+    """(runners to use, notes about those skipped): every available one for ``"all"``."""
+    wanted = list(found) if choice == "all" else [choice]
+    use, notes = [], []
     for fw in wanted:
-        why = _unavailable(fw)
+        why = found[fw].unavailable()
         if why is None:
-            run.append(fw)
+            use.append(found[fw])
         else:
             notes.append(f"skipping {fw}: {why}")
-    return run, notes
-
-
-def _adapter(framework: str) -> Any:
-    if framework == "keras":
-        # TensorFlow's C++ start-up chatter is not part of the demo's output.
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        return importlib.import_module("gradwatch_keras.experiments")
-    return importlib.import_module("gradwatch_torch.experiments")
+    return use, notes
 
 
 # -- running experiments ---------------------------------------------------------------------
@@ -80,88 +55,114 @@ def _machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def run_experiments(experiments: Sequence[Any], frameworks: Sequence[str], out: str, *,
+def run_experiments(experiments: Sequence[Experiment], runners: Sequence[ExperimentRunner],
+                    out: str, *, settings: Sequence[Settings] = (DEFAULT,),
                     verbose: bool = False, command: str = "gradwatch demo") -> int:
-    """Run every experiment in every framework, print progress and the table, write the
-    results; 0 when every run met its expected verdict, else 1."""
+    """Run every experiment in every runner's framework under every settings, print progress
+    and the table, write the results; 0 when every run met its expected verdict, 1 when one did
+    not, 2 when no runner's framework could be loaded."""
     from gradwatch import __version__
-    from gradwatch._events import read_runs
-    from gradwatch._plots import plot_run, short_kind
-    from gradwatch._results import (
-        LEGEND,
-        format_table,
-        framework_label,
-        plain,
-        record,
-        write_results,
-    )
+    from gradwatch._plots import short_kind
+    from gradwatch._results import plain
+    from gradwatch.experiments._results import LEGEND, format_table, write_results
 
     os.makedirs(os.path.join(out, "events"), exist_ok=True)
     begin = time.perf_counter()
     print(f"gradwatch reference experiments: {len(experiments)} experiment(s) x "
-          f"{len(frameworks)} framework(s) ({', '.join(frameworks)}); writing to {out}/",
+          f"{len(runners)} framework(s) ({', '.join(r.framework for r in runners)}) x "
+          f"{len(settings)} settings ({', '.join(s.name for s in settings)}); writing to {out}/",
           flush=True)
-    adapters, versions = {}, [f"gradwatch {__version__}", f"numpy {_version('numpy')}"]
-    for fw in frameworks:
-        print(f"loading {fw} ...", flush=True)
-        adapters[fw] = _adapter(fw)
-        versions.append(adapters[fw].versions())
-    total = len(experiments) * len(frameworks)
-    records: list[dict[str, Any]] = []
+    versions = [f"gradwatch {__version__}", f"numpy {_version('numpy')}"]
+    loaded = []
+    for runner in runners:
+        print(f"loading {runner.framework} ...", flush=True)
+        try:
+            versions.append(runner.versions())
+        except Exception as exc:  # an installed but broken framework: run the others
+            print(f"skipping {runner.framework}: it failed to load "
+                  f"({type(exc).__name__}: {plain(exc)})", file=sys.stderr)
+            continue
+        loaded.append(runner)
+    runners = loaded
+    if not runners:
+        print("gradwatch: no framework could be loaded", file=sys.stderr)
+        return 2
+    total = len(experiments) * len(runners) * len(settings)
+    records: list[RunRecord] = []
     n = 0
     for exp in experiments:
-        for fw in frameworks:
-            n += 1
-            stem = f"{exp.name}-{fw}"
-            events = os.path.join(out, "events", stem + ".jsonl")
-            if os.path.exists(events):
-                os.remove(events)  # the sink appends; a rerun starts a fresh file
-            label = framework_label(fw, _keras_backend() if fw == "keras" else None)
-            print(f"[{n:>2}/{total}] {exp.name:<24} {label:<11} ...", end=" ", flush=True)
-            try:
-                raw = adapters[fw].run(exp, events)
-            except Exception as exc:  # one broken run must not hide the others' results
-                raw = {"framework": fw, "error": f"{type(exc).__name__}: {exc}",
-                       "findings": [], "final_loss": None, "final_accuracy": None,
-                       "seconds": None}
-            run = None
-            try:
-                runs = read_runs(events) if os.path.exists(events) else []
-                run = runs[-1] if runs else None
-            except ValueError as exc:
-                raw.setdefault("error", str(exc))
-            plot = None
-            r = record(exp, raw, run, events=os.path.relpath(events, out), plot=None)
-            if run is not None:
-                verdict = "PASS" if r["passed"] else "FAIL"
-                plot = plot_run(run, os.path.join(out, stem + ".png"),
-                                title=f"{exp.name} ({r['label']}): {exp.title}",
-                                subtitle=f"expected: {exp.expected}; observed: "
-                                         f"{', '.join(r['kinds']) or 'none'} -> {verdict}")
-                r["plot"] = os.path.relpath(plot, out)
-            records.append(r)
-            seconds = f"{r['seconds']:.1f}s" if r["seconds"] is not None else "-"
-            observed = ", ".join(short_kind(k) for k in r["kinds"]) or "no findings"
-            print(f"{'PASS' if r['passed'] else 'FAIL'} {seconds:>6}  {plain(observed)}"
-                  + "".join(f"\n        {plain(p)}" for p in r["problems"]), flush=True)
-            if verbose and raw.get("report"):
-                print("\n" + plain(raw["report"], lines=True) + "\n")
+        for runner in runners:
+            for s in settings:
+                n += 1
+                rec, run = _run_one(exp, runner, s, out, f"[{n:>2}/{total}]")
+                if run is not None:
+                    rec = _plot(rec, run, out)
+                records.append(rec)
+                seconds = f"{rec.seconds:.1f}s" if rec.seconds is not None else "-"
+                observed = ", ".join(short_kind(k) for k in rec.kinds) or "no findings"
+                print(f"{'PASS' if rec.passed else 'FAIL'} {seconds:>6}  {plain(observed)}"
+                      + "".join(f"\n        {plain(p)}" for p in rec.problems), flush=True)
+                if verbose and rec.result is not None:
+                    print("\n" + plain(str(rec.result.report), lines=True) + "\n")
     wall = time.perf_counter() - begin
     meta = {"command": command, "versions": ", ".join(versions), "machine": _machine(),
+            "settings": {s.name: s.description for s in settings},
             "wall_seconds": wall, "created": time.strftime("%Y-%m-%d %H:%M:%S %z")}
     json_path, md_path = write_results(out, meta, records, experiments)
     print()
     print(format_table(records))
     print(LEGEND)
-    failed = [r for r in records if not r["passed"]]
+    failed = [r for r in records if not r.passed]
     print(f"\n{len(records)} runs in {wall:.1f} s. Results: {json_path}, {md_path}, "
           f"plots and event files in {out}/")
     if failed:
         print(f"{len(failed)} of {len(records)} runs did NOT meet their expected verdict: "
-              + ", ".join(f"{r['experiment']} ({r['label']})" for r in failed))
+              + ", ".join(f"{r.experiment.name} ({r.label}, {r.settings.name})"
+                          for r in failed))
         return 1
     print(f"All {len(records)} runs met their expected verdict.")
     return 0
+
+
+def _run_one(exp: Experiment, runner: ExperimentRunner, settings: Settings, out: str,
+             counter: str) -> tuple[RunRecord, RunLog | None]:
+    """One run, judged; with the run read back from its event file (``None`` if it has none)."""
+    from gradwatch._events import read_runs
+
+    stem = f"{exp.name}-{runner.framework}-{settings.name}"
+    events = os.path.join(out, "events", stem + ".jsonl")
+    if os.path.exists(events):
+        os.remove(events)  # the sink appends; a rerun starts a fresh file
+    print(f"{counter} {exp.name:<24} {runner.label:<11} {settings.name:<7} ...", end=" ",
+          flush=True)
+    result: RunResult | None = None
+    error = None
+    try:
+        result = runner.run(exp, events, settings)
+    except Exception as exc:  # one broken run must not hide the others' results
+        error = f"{type(exc).__name__}: {exc}"
+    run = None
+    try:
+        runs = read_runs(events) if os.path.exists(events) else []
+        run = runs[-1] if runs else None
+    except ValueError as exc:
+        error = error or str(exc)
+    rec = RunRecord.of(exp, settings, framework=runner.framework, label=runner.label,
+                       result=result, error=error, run=run, events=os.path.relpath(events, out))
+    return rec, run
+
+
+def _plot(rec: RunRecord, run: RunLog, out: str) -> RunRecord:
+    from gradwatch._plots import plot_run
+
+    exp = rec.experiment
+    stem = os.path.splitext(os.path.basename(rec.events))[0]
+    plot = plot_run(run, os.path.join(out, stem + ".png"),
+                    title=f"{exp.name} ({rec.label}, {rec.settings.name} settings): {exp.title}",
+                    subtitle=f"expected: {exp.expected}; observed: "
+                             f"{', '.join(rec.kinds) or 'none'} -> "
+                             f"{'PASS' if rec.passed else 'FAIL'}")
+    return dataclasses.replace(rec, plot=os.path.relpath(plot, out))
 
 
 def _version(module: str) -> str:
@@ -171,32 +172,34 @@ def _version(module: str) -> str:
         return "?"
 
 
-def _select(names: Sequence[str] | None) -> list[Any]:
-    from gradwatch._experiments import select
-
-    return select(names)
-
-
 def _demo(args: argparse.Namespace) -> int:
+    from gradwatch.experiments import select, select_settings
+
     try:
-        experiments = _select(args.only)
+        experiments = select(args.only)
     except KeyError as exc:
         print(f"gradwatch: {exc.args[0]}", file=sys.stderr)
         return 2
-    frameworks, notes = _frameworks(args.framework)
+    found = args.runners
+    if args.framework != "all" and args.framework not in found:
+        print(f"gradwatch: no experiment runner for framework {args.framework!r}; available: "
+              f"{', '.join(found) or 'none (no installed plugin provides one)'}", file=sys.stderr)
+        return 2
+    runners, notes = _runners(args.framework, found)
     for note in notes:
         print(note, file=sys.stderr)
-    if not frameworks:
+    if not runners:
         print("gradwatch: no framework to run the experiments with; install PyTorch "
               "(pip install torch) or Keras (pip install -e '.[keras]')", file=sys.stderr)
         return 2
     command = "gradwatch " + " ".join(shlex.quote(a) for a in args.argv)
-    return run_experiments(experiments, frameworks, args.out, verbose=args.verbose,
+    return run_experiments(experiments, runners, args.out,
+                           settings=select_settings(args.settings), verbose=args.verbose,
                            command=command)
 
 
 def _experiments_list(args: argparse.Namespace) -> int:
-    from gradwatch._experiments import EXPERIMENTS, describe
+    from gradwatch.experiments import EXPERIMENTS, describe
 
     print(describe(EXPERIMENTS))
     print("\nRun one with `gradwatch experiments run NAME`, a group with its name, all with "
@@ -255,9 +258,16 @@ def _md_name(path: str) -> str:
 # -- argument parsing ------------------------------------------------------------------------
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--framework", choices=("all",) + FRAMEWORKS, default="all",
-                   help="which framework(s) to run; 'all' runs those installed (default: all)")
+def _add_run_options(p: argparse.ArgumentParser, frameworks: Sequence[str]) -> None:
+    p.add_argument("--framework", default="all", metavar="NAME",
+                   help=f"which framework to run: {', '.join(frameworks) or 'none found'} (the "
+                        f"plugins' experiment runners), or 'all' for every one that can run "
+                        f"here (default: all)")
+    p.add_argument("--settings", choices=("all",) + tuple(s.name for s in SETTINGS),
+                   default=DEFAULT.name,
+                   help="how gradwatch watches each run: 'default' (what users get: sampled "
+                        "update ratios), 'exact' (update ratios from every weight) or 'all' "
+                        "(both, twice the time) (default: default)")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                    help=f"where results.json, results.md, plots and event files go "
                         f"(default: ./{DEFAULT_OUT}/)")
@@ -269,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     from gradwatch import __version__
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    runners = experiment_runners()  # the plugins' frameworks; none is imported
+    frameworks = list(runners)
     parser = argparse.ArgumentParser(prog="gradwatch", description=(
         "Watches neural-network training for vanishing/exploding gradients, loss plateaus and "
         "divergence, stalled updates, dead and saturated units."))
@@ -277,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = sub.add_parser("demo", help="run the reference experiments, print the comparison "
                                        "table, write results and plots")
-    _add_run_options(demo)
+    _add_run_options(demo, frameworks)
     demo.add_argument("--only", action="append", metavar="NAME",
                       help="run only this experiment or group (repeatable, or a comma list)")
     demo.set_defaults(func=_demo)
@@ -288,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         .set_defaults(func=_experiments_list)
     run = exp_sub.add_parser("run", help="run experiments by name or group")
     run.add_argument("names", nargs="+", metavar="NAME")
-    _add_run_options(run)
+    _add_run_options(run, frameworks)
     run.set_defaults(func=_experiments_run, verbose=True)
 
     report = sub.add_parser("report", help="plots and a summary from the JSONL event file of "
@@ -300,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     args.argv = argv
+    args.runners = runners
     return args.func(args)
 
 

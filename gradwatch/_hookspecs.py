@@ -1,4 +1,5 @@
-"""Hook specifications: how adapters, detectors and sinks plug into gradwatch (pluggy)."""
+"""Hook specifications: how adapters, detectors, sinks and experiment runners plug into gradwatch
+(pluggy)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ if TYPE_CHECKING:
     from ._findings import Finding
     from ._report import Report
     from ._stats import StepStats
+    from .experiments import ExperimentRunner
 
 hookspec = pluggy.HookspecMarker("gradwatch")
 hookimpl = pluggy.HookimplMarker("gradwatch")
@@ -76,3 +78,19 @@ def gradwatch_finding_cleared(run: RunInfo, finding: Finding, step: int) -> None
 @hookspec
 def gradwatch_run_end(run: RunInfo, report: Report) -> None:
     """The run ended (watcher removed, or Keras' on_train_end). All are called."""
+
+
+# -------------------------------------------------------------------------
+# experiments
+# -------------------------------------------------------------------------
+
+@hookspec
+def gradwatch_experiment_runners() -> list[ExperimentRunner]:
+    """Return the :class:`~gradwatch.experiments.ExperimentRunner` of each framework this
+    plugin trains the reference experiments in (``gradwatch demo``, ``gradwatch experiments
+    run``, :func:`gradwatch.experiments.experiment_runners`).
+
+    All results are used (not first-result). Neither the plugin module nor this hook may import
+    the framework: a runner says through ``unavailable()`` why it cannot run (framework not
+    installed, unsupported backend) and imports its framework when a run starts.
+    """

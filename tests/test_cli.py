@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 from test_events import HOSTILE, write_run
 
-from gradwatch import _cli
-from gradwatch import _experiments as ex
+import gradwatch
+from gradwatch import _cli, hookimpl
+from gradwatch import experiments as ex
+from gradwatch.experiments import _table
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -79,6 +82,13 @@ def test_demo_rejects_an_unknown_experiment(capsys, tmp_path):
     assert "'nope'" in err and "deep-sigmoid" in err
 
 
+def test_version_is_printed(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"gradwatch {gradwatch.__version__}"
+
+
 def test_demo_runs_one_experiment_and_writes_results(tmp_path, capsys):
     pytest.importorskip("torch")
     out_dir = tmp_path / "demo"
@@ -92,22 +102,160 @@ def test_demo_runs_one_experiment_and_writes_results(tmp_path, capsys):
     assert results["passed"] is True
     [r] = results["runs"]
     assert r["experiment"] == "dying-relu" and r["framework"] == "torch"
+    # The demo watches with what users get.
+    assert r["settings"] == "default" and r["watch_options"] == {}
     assert "dead_units" in r["kinds"] and r["passed"] and r["problems"] == []
     assert r["first_layer"] == "fc0" and r["last_layer"] == "out"
     assert set(r["weight_change_percent"]) == set(ex.layer_names(ex.get("dying-relu")))
     assert 0 <= r["final_accuracy"] <= 1 and r["final_loss"] > 0 and r["seconds"] > 0
-    assert r["settings"]["lr"] == ex.get("dying-relu").lr
+    assert r["steps_seen"] == r["batches"] == r["steps"] == ex.get("dying-relu").steps
+    assert r["versions"].startswith("torch ") and r["error"] is None
+    assert {f["severity"] for f in r["findings"]} <= {"warning", "info"}
+    assert r["spec"]["lr"] == ex.get("dying-relu").lr
     assert is_png(out_dir / r["plot"]) and (out_dir / r["events"]).exists()
     md = (out_dir / "results.md").read_text()
-    assert "| dying-relu | torch | dead\\_units |" in md and "**PASS**" in md
-    assert "![dying-relu (torch)](dying-relu-torch.png)" in md
+    assert "| dying-relu | torch | default | dead\\_units |" in md and "**PASS**" in md
+    assert "![dying-relu (torch, default)](dying-relu-torch-default.png)" in md
+
+
+def test_experiments_run_can_watch_with_both_settings(tmp_path, capsys):
+    pytest.importorskip("torch")
+    code = _cli.main(["experiments", "run", "dying-relu", "--framework", "torch",
+                      "--settings", "all", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "[ 2/2] dying-relu               torch       exact" in printed
+    assert "- [dead_units]" in printed  # `experiments run` prints each run's report
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [(r["settings"], r["watch_options"]) for r in runs] == [
+        ("default", {}), ("exact", {"update_ratio": "exact"})]
+    assert all(r["passed"] for r in runs)
+    assert [r["events"] for r in runs] == ["events/dying-relu-torch-default.jsonl",
+                                           "events/dying-relu-torch-exact.jsonl"]
+
+
+def test_demo_runs_keras(tmp_path, capsys):
+    pytest.importorskip("keras")
+    code = _cli.main(["demo", "--only", "dying-relu-leaky-0.3", "--framework", "keras",
+                      "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    [r] = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert r["framework"] == "keras" and r["passed"] and r["backend"] in ("tensorflow", "torch")
+    assert r["label"] == ("keras/tf" if r["backend"] == "tensorflow" else f"keras/{r['backend']}")
+    assert r["steps_seen"] == r["batches"] == r["steps"]  # no step lost to async dispatch
+    assert r["versions"].startswith("keras ")
+
+
+def test_an_unknown_framework_is_named_with_the_available_ones(tmp_path, capsys):
+    assert _cli.main(["demo", "--framework", "jax", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no experiment runner for framework 'jax'" in err
+    assert "available: " + ", ".join(ex.experiment_runners()) in err
+    assert not (tmp_path / "results.json").exists()
+
+
+class FakeRunner(ex.ExperimentRunner):
+    """A plugin's runner for a framework that is not installed here."""
+
+    framework = "fakefw"
+
+    def unavailable(self) -> str | None:
+        return "fakefw is not installed (pip install fakefw)"
+
+    def versions(self) -> str:
+        raise AssertionError("an unavailable runner is never asked to load its framework")
+
+    def run(self, exp, events, settings=ex.DEFAULT):
+        raise AssertionError("an unavailable runner never runs")
+
+
+class FakePlugin:
+    @hookimpl
+    def gradwatch_experiment_runners(self):
+        return [FakeRunner()]
+
+
+@pytest.fixture
+def fake_plugin():
+    pm = gradwatch.get_plugin_manager()
+    plugin = FakePlugin()
+    pm.register(plugin, name="fakefw")
+    yield
+    pm.unregister(plugin)
+
+
+def test_plugins_say_which_frameworks_exist(fake_plugin):
+    runners = ex.experiment_runners()
+    assert list(runners)[-1] == "fakefw" and {"torch", "keras"} <= set(runners)
+    assert isinstance(runners["fakefw"], FakeRunner)
+
+
+def test_an_unavailable_runner_says_why_once(fake_plugin, tmp_path, capsys):
+    assert _cli.main(["demo", "--framework", "fakefw", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("skipping fakefw: fakefw is not installed (pip install fakefw)") == 1
+    assert "no framework" in err
+    # With --framework all, the other frameworks still run.
+    pytest.importorskip("torch")
+    code = _cli.main(["demo", "--only", "dying-relu", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.out
+    assert captured.err.count("skipping fakefw: fakefw is not installed") == 1
+    assert "fakefw" not in {r["framework"] for r in
+                            json.loads((tmp_path / "results.json").read_text())["runs"]}
+
+
+@pytest.mark.parametrize("backend, why", [
+    pytest.param("jax", "the Keras callback does not support Keras' 'jax' backend yet", id="jax"),
+    pytest.param("gw_no_such_backend",
+                 "the Keras callback does not support Keras' 'gw_no_such_backend' backend yet",
+                 id="unknown"),
+])
+def test_the_keras_runner_says_which_backend_it_cannot_run(backend, why, tmp_path):
+    # Read from Keras' configuration without importing Keras (a fresh process).
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    proc = subprocess.run([sys.executable, "-m", "gradwatch._cli", "demo", "--framework", "keras",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.count("skipping keras: " + why) == 1, proc.stderr
+    assert "no framework" in proc.stderr
+
+
+def test_a_framework_that_fails_to_load_is_skipped(tmp_path, capsys, monkeypatch):
+    runners = ex.experiment_runners()
+    for runner in runners.values():
+        monkeypatch.setattr(type(runner), "unavailable", lambda self: None)
+        monkeypatch.setattr(type(runner), "versions",
+                            lambda self: (_ for _ in ()).throw(ImportError("libcuda.so")))
+    assert _cli.main(["demo", "--only", "dying-relu", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "skipping torch: it failed to load (ImportError: libcuda.so)" in err
+    assert "no framework could be loaded" in err
+
+
+def test_a_broken_runner_plugin_is_reported_and_skipped():
+    class Broken:
+        @hookimpl
+        def gradwatch_experiment_runners(self):
+            return ["not a runner"]
+
+    pm = gradwatch.get_plugin_manager()
+    plugin = Broken()
+    pm.register(plugin, name="broken")
+    try:
+        with pytest.warns(gradwatch.GradWatchInternalWarning, match="'broken'.*not a gradwatch"):
+            runners = ex.experiment_runners()
+    finally:
+        pm.unregister(plugin)
+    assert {"torch", "keras"} <= set(runners)
 
 
 def test_demo_exits_non_zero_when_an_expectation_fails(tmp_path, capsys, monkeypatch):
     pytest.importorskip("torch")
     wrong = ex.get("dying-relu").with_(name="dying-relu-wrong", expect=("exploding_gradient",),
                                        forbid=("dead_units",))
-    monkeypatch.setattr(ex, "EXPERIMENTS", (wrong,))
+    monkeypatch.setattr(_table, "EXPERIMENTS", (wrong,))
     code = _cli.main(["demo", "--framework", "torch", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert code == 1
@@ -117,18 +265,18 @@ def test_demo_exits_non_zero_when_an_expectation_fails(tmp_path, capsys, monkeyp
     assert json.loads((tmp_path / "results.json").read_text())["passed"] is False
 
 
-def test_demo_runs_the_installed_frameworks_and_says_which_it_skips(tmp_path, capsys,
-                                                                     monkeypatch):
+def test_demo_runs_the_frameworks_that_can_run_and_says_which_it_skips(tmp_path, capsys,
+                                                                        monkeypatch):
     pytest.importorskip("torch")
-    real = _cli._unavailable
-    monkeypatch.setattr(_cli, "_unavailable",
-                        lambda fw: "Keras is not installed" if fw == "keras" else real(fw))
+    runners = ex.experiment_runners()
+    monkeypatch.setattr(type(runners["keras"]), "unavailable",
+                        lambda self: "Keras is not installed")
     assert _cli.main(["demo", "--only", "dying-relu", "--out", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     assert "skipping keras: Keras is not installed" in captured.err
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert [r["framework"] for r in runs] == ["torch"]
-    monkeypatch.setattr(_cli, "_unavailable", lambda fw: f"{fw} missing")
+    monkeypatch.setattr(type(runners["torch"]), "unavailable", lambda self: "torch missing")
     assert _cli.main(["demo", "--out", str(tmp_path)]) == 2
     assert "no framework" in capsys.readouterr().err
 
@@ -137,7 +285,7 @@ def test_a_crashing_run_is_a_failure_not_a_crash(tmp_path, capsys, monkeypatch):
     pytest.importorskip("torch")
     from gradwatch_torch import experiments as tx
 
-    def boom(exp, events):
+    def boom(exp, events, settings):
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(tx, "run", boom)
@@ -145,3 +293,5 @@ def test_a_crashing_run_is_a_failure_not_a_crash(tmp_path, capsys, monkeypatch):
                       "--out", str(tmp_path)])
     assert code == 1
     assert "crashed: RuntimeError: out of memory" in capsys.readouterr().out
+    [r] = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert r["error"] == "RuntimeError: out of memory" and r["plot"] is None

@@ -1,14 +1,19 @@
-"""The framework-neutral half of the reference experiments: data, specs, weights, verdicts."""
+"""The framework-neutral half of the reference experiments: data, specs, weights, verdicts,
+settings, runners and their results."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from gradwatch import _experiments as ex
+import gradwatch
+from gradwatch import experiments as ex
+from gradwatch.experiments._results import RunRecord, format_table, write_results
 
 
 @pytest.mark.parametrize("make", [ex.moons, ex.circles], ids=["moons", "circles"])
@@ -114,10 +119,85 @@ def test_loss_and_accuracy_match_their_definitions():
 def test_the_core_stays_framework_free():
     # Importing everything the CLI needs must not pull in a framework or matplotlib: plots
     # import matplotlib when they are drawn, adapters their framework when a run starts.
-    code = ("import sys, gradwatch, gradwatch._cli, gradwatch._events, gradwatch._experiments, "
+    # Asking the plugins which frameworks can run imports none of them either.
+    code = ("import sys, gradwatch, gradwatch._cli, gradwatch._events, gradwatch.experiments, "
             "gradwatch._plots, gradwatch._results; "
+            "runners = gradwatch.experiments.experiment_runners(); "
+            "[(r.unavailable(), r.label) for r in runners.values()]; "
+            "print(sorted(runners)); "
             "print(sorted(m for m in ('torch', 'tensorflow', 'keras', 'jax', 'matplotlib') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
-    assert out.strip() == "[]"
+    assert out.split("\n")[:2] == ["['keras', 'torch']", "[]"]
+
+
+def test_the_package_exports_its_public_names():
+    public = {n for n in vars(ex) if not n.startswith("_")} - {"annotations"}
+    assert set(ex.__all__) == public
+
+
+def test_settings_default_is_what_users_get():
+    assert [s.name for s in ex.SETTINGS] == ["default", "exact"]
+    assert ex.DEFAULT.options() == {}  # nothing passed: the watcher's own defaults
+    assert ex.EXACT.options() == {"update_ratio": "exact"}
+    assert ex.select_settings("all") == list(ex.SETTINGS)
+    assert ex.select_settings("exact") == [ex.EXACT]
+    with pytest.raises(KeyError, match="'nope'.*all, default, exact"):
+        ex.select_settings("nope")
+
+
+def test_a_runner_must_say_what_it_runs():
+    with pytest.raises(TypeError, match="abstract"):
+        ex.ExperimentRunner()  # type: ignore[abstract]
+
+
+class _Stub(ex.ExperimentRunner):
+    framework = "stub"
+
+    def versions(self) -> str:
+        return "stub 1.0"
+
+    def run(self, exp, events, settings=ex.DEFAULT):
+        raise NotImplementedError
+
+
+def result(exp, **changes) -> ex.RunResult:
+    report = gradwatch.Report(framework="stub", steps=exp.steps, checks=1, layers=(),
+                              findings=())
+    fields = dict(experiment=exp.name, framework="stub", settings="default",
+                  findings=(gradwatch.Finding(kind="dead_units", step=50, layer="act1",
+                                              value=0.7, threshold=0.5, message="dead"),),
+                  final_loss=0.4, final_accuracy=0.8, seconds=1.5, batches=exp.steps,
+                  report=report, versions="stub 1.0")
+    fields.update(changes)
+    return ex.RunResult(**fields)
+
+
+def test_a_run_record_judges_the_runner_s_result(tmp_path):
+    exp = ex.get("dying-relu")
+    runner = _Stub()
+    assert runner.label == "stub" and runner.unavailable() is None
+    good = RunRecord.of(exp, ex.DEFAULT, framework="stub", label=runner.label,
+                        result=result(exp), error=None, run=None, events="events/x.jsonl")
+    assert good.passed and good.kinds == ["dead_units"] and good.seconds == 1.5
+    # A step gradwatch did not see is a failure, whatever the findings.
+    lost = RunRecord.of(exp, ex.EXACT, framework="stub", label="stub",
+                        result=result(exp, report=dataclasses.replace(
+                            result(exp).report, steps=exp.steps - 1)),
+                        error=None, run=None, events="events/y.jsonl")
+    assert lost.problems == (f"gradwatch saw {exp.steps - 1} of {exp.steps} steps",)
+    crashed = RunRecord.of(exp, ex.DEFAULT, framework="stub", label="stub", result=None,
+                           error="RuntimeError: boom", run=None, events="events/z.jsonl")
+    assert crashed.problems[0] == "crashed: RuntimeError: boom"
+    assert crashed.final_loss is None and not crashed.passed
+    table = format_table([good, lost, crashed])
+    assert "settings" in table.splitlines()[0] and table.count("FAIL") == 2
+    json_path, _ = write_results(tmp_path, {"command": "test"}, [good, lost, crashed], [exp])
+    rows = json.loads(open(json_path).read())["runs"]
+    assert [(r["settings"], r["passed"]) for r in rows] == [
+        ("default", True), ("exact", False), ("default", False)]
+    assert rows[0]["findings"] == [{"kind": "dead_units", "step": 50, "layer": "act1",
+                                    "severity": "warning"}]
+    assert rows[1]["watch_options"] == {"update_ratio": "exact"}
+    assert rows[2]["seconds"] is None and rows[2]["error"] == "RuntimeError: boom"

@@ -8,6 +8,7 @@ from guarantee to test is docs/reliability.md.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import gc
 import importlib.metadata
@@ -24,9 +25,9 @@ import pytest
 
 import gradwatch
 from gradwatch import _cli, _manager, _sinks
-from gradwatch import _experiments as ex
-from gradwatch._events import EventFileError, finding_rows, read_events, read_runs
-from gradwatch._results import format_table, record, results_markdown
+from gradwatch import experiments as ex
+from gradwatch._events import EventFileError, read_events, read_runs
+from gradwatch.experiments._results import RunRecord, format_table, results_markdown
 
 # -- helpers ----------------------------------------------------------------------------------
 
@@ -406,9 +407,14 @@ def test_a_hostile_layer_name_is_inert_in_every_report_file(name, tmp_path, caps
     [run] = read_runs(events)
     assert run.layers[0] == name  # read back as it was written
     exp = ex.get("dying-relu")
-    raw = {"framework": "torch", "findings": finding_rows(run.findings), "final_loss": 0.5,
-           "final_accuracy": 0.5, "seconds": 1.0}
-    rec = record(exp, raw, run, events="events/run.jsonl", plot=f"{name}.png")
+    result = ex.RunResult(experiment=exp.name, framework="torch", settings="default",
+                          findings=tuple(run.findings), final_loss=0.5, final_accuracy=0.5,
+                          seconds=1.0, batches=run.steps, report=gradwatch.Report(
+                              framework="torch", steps=run.steps, checks=1, layers=(),
+                              findings=()), versions=name)
+    rec = dataclasses.replace(
+        RunRecord.of(exp, ex.DEFAULT, framework="torch", label=name, result=result, error=None,
+                     run=run, events="events/run.jsonl"), plot=f"{name}.png")
     meta = {"command": f"gradwatch demo {name}", "versions": name, "machine": name,
             "wall_seconds": 1.0}
     assert_inert_markdown(results_markdown(meta, [rec], [exp]))

@@ -1,19 +1,19 @@
-"""The reference experiments in Keras 3: build the spec's model, ``fit`` it watched, return numbers.
+"""The reference experiments in Keras 3: build the spec's model, ``fit`` it watched, return what
+happened. :class:`gradwatch_keras.plugin.KerasRunner` is the way in; this module imports Keras.
 
 The model, initial weights, batches and optimizer are the PyTorch run's (see
-``gradwatch._experiments``); only the framework differs.
+:mod:`gradwatch.experiments`); only the framework differs.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
 import keras
 import numpy as np
 
-from gradwatch import _experiments as ex
+from gradwatch import experiments as ex
 from gradwatch.keras import GradWatchCallback
 
 FRAMEWORK = "keras"
@@ -31,19 +31,6 @@ def _activation(exp: ex.Experiment, name: str) -> keras.layers.Layer:
         return keras.layers.PReLU(alpha_initializer=keras.initializers.Constant(0.25), name=name,
                                   **_F32)
     return keras.layers.Activation(exp.activation, name=name, **_F32)
-
-
-class _Synchronous(keras.callbacks.Callback):
-    """Makes ``fit`` call batch-end callbacks in the training loop, not from a thread pool.
-
-    Keras dispatches ``on_train_batch_end`` asynchronously only when every callback allows it.
-    When GradWatchCallback's check runs a step late, the step that fell out of its
-    ``check_every``-step ring buffer is lost (seen on the PyTorch backend with
-    ``check_every=1``). The experiments must see every step, so this callback opts out.
-    """
-
-    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        pass
 
 
 def build(exp: ex.Experiment) -> keras.Model:
@@ -66,25 +53,25 @@ def build(exp: ex.Experiment) -> keras.Model:
     return model
 
 
-def run(exp: ex.Experiment, events: str | os.PathLike) -> dict[str, Any]:
-    """Train ``exp`` with ``model.fit`` and gradwatch's callback, writing the event file ``events``.
-
-    Returns the same framework-neutral result as the PyTorch adapter's ``run``.
-    """
+def run(exp: ex.Experiment, events: str | os.PathLike[str],
+        settings: ex.Settings = ex.DEFAULT) -> ex.RunResult:
+    """Train ``exp`` with ``model.fit`` and gradwatch's callback configured by ``settings``,
+    writing the event file ``events``."""
     if keras.backend.backend() != "torch":
-        return _run(exp, events)
+        return _run(exp, events, settings)
     import torch
 
     threads = torch.get_num_threads()
     # Models this small run fastest on one thread, and one thread cannot be oversubscribed.
     torch.set_num_threads(1)
     try:
-        return _run(exp, events)
+        return _run(exp, events, settings)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(exp: ex.Experiment, events: str | os.PathLike) -> dict[str, Any]:
+def _run(exp: ex.Experiment, events: str | os.PathLike[str],
+         settings: ex.Settings) -> ex.RunResult:
     keras.utils.set_random_seed(exp.seed)
     x, y = exp.dataset()
     idx = ex.batch_indices(exp)
@@ -94,21 +81,19 @@ def _run(exp: ex.Experiment, events: str | os.PathLike) -> dict[str, Any]:
     model = build(exp)
     opt = keras.optimizers.SGD(learning_rate=exp.lr, global_clipnorm=exp.clip_norm)
     model.compile(optimizer=opt, loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    # Only gradwatch's callback, which is async_safe: Keras may dispatch its batch ends
+    # asynchronously, as it does in users' fit() calls, and the run must still see every step.
     cb = GradWatchCallback(check_every=exp.check_every, events=events, on_finding="log",
-                           update_ratio="exact", name=f"{exp.name} ({FRAMEWORK})")
-    model.fit(xs, ys, batch_size=exp.batch, epochs=1, shuffle=False, verbose=0,
-              callbacks=[cb, _Synchronous()])
+                           name=f"{exp.name} ({FRAMEWORK})", **settings.options())
+    model.fit(xs, ys, batch_size=exp.batch, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
     logits = np.asarray(keras.ops.convert_to_numpy(model(x, training=False)), dtype=np.float64)
     seconds = time.perf_counter() - start
-    return {
-        "framework": FRAMEWORK,
-        "backend": keras.backend.backend(),
-        "final_loss": ex.bce_with_logits(logits, y),
-        "final_accuracy": ex.accuracy(logits, y),
-        "seconds": seconds,
-        "findings": [{"kind": f.kind, "step": f.step, "layer": f.layer} for f in cb.findings],
-        "report": str(cb.report()),
-    }
+    return ex.RunResult(
+        experiment=exp.name, framework=FRAMEWORK, settings=settings.name,
+        findings=tuple(cb.findings), final_loss=ex.bce_with_logits(logits, y),
+        final_accuracy=ex.accuracy(logits, y), seconds=seconds,
+        batches=int(opt.iterations), report=cb.report(),
+        versions=versions(), backend=keras.backend.backend())
 
 
 def versions() -> str:

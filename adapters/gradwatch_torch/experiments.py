@@ -1,17 +1,17 @@
-"""The reference experiments in PyTorch: build the spec's model, train it watched, return numbers."""
+"""The reference experiments in PyTorch: build the spec's model, train it watched, return what
+happened. :class:`gradwatch_torch.plugin.TorchRunner` is the way in; this module imports torch."""
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 import gradwatch
-from gradwatch import _experiments as ex
+from gradwatch import experiments as ex
 
 FRAMEWORK = "torch"
 
@@ -71,23 +71,20 @@ def build(exp: ex.Experiment) -> nn.Module:
     return ResidualMLP(exp) if exp.residual else MLP(exp)
 
 
-def run(exp: ex.Experiment, events: str | os.PathLike) -> dict[str, Any]:
-    """Train ``exp`` watched by gradwatch, writing the event file ``events``.
-
-    Returns the framework-neutral result: ``framework``, ``final_loss`` and ``final_accuracy``
-    (on the whole training set, after training), ``seconds`` (build and training) and
-    ``findings`` (the watcher's, as ``{"kind", "step", "layer"}``).
-    """
+def run(exp: ex.Experiment, events: str | os.PathLike[str],
+        settings: ex.Settings = ex.DEFAULT) -> ex.RunResult:
+    """Train ``exp`` watched by gradwatch with ``settings``, writing the event file ``events``."""
     threads = torch.get_num_threads()
     # Models this small run fastest on one thread, and one thread cannot be oversubscribed.
     torch.set_num_threads(1)
     try:
-        return _run(exp, events)
+        return _run(exp, events, settings)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(exp: ex.Experiment, events: str | os.PathLike) -> dict[str, Any]:
+def _run(exp: ex.Experiment, events: str | os.PathLike[str],
+         settings: ex.Settings) -> ex.RunResult:
     torch.manual_seed(exp.seed)
     x_np, y_np = exp.dataset()
     x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
@@ -96,9 +93,10 @@ def _run(exp: ex.Experiment, events: str | os.PathLike) -> dict[str, Any]:
     model = build(exp)
     opt = torch.optim.SGD(model.parameters(), lr=exp.lr)
     loss_fn = nn.BCEWithLogitsLoss()
+    trained = 0
     with gradwatch.torch.watch(model, optimizer=opt, check_every=exp.check_every, events=events,
-                               on_finding="log", update_ratio="exact",
-                               name=f"{exp.name} ({FRAMEWORK})") as watcher:
+                               on_finding="log", name=f"{exp.name} ({FRAMEWORK})",
+                               **settings.options()) as watcher:
         for idx in batches:
             opt.zero_grad()
             loss = loss_fn(model(x[idx]).squeeze(-1), y[idx])
@@ -107,19 +105,16 @@ def _run(exp: ex.Experiment, events: str | os.PathLike) -> dict[str, Any]:
             if exp.clip_norm is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), exp.clip_norm)
             opt.step()
+            trained += 1
     model.eval()
     with torch.no_grad():
         logits = model(x).squeeze(-1).numpy().astype(np.float64)
     seconds = time.perf_counter() - start
-    return {
-        "framework": FRAMEWORK,
-        "final_loss": ex.bce_with_logits(logits, y_np),
-        "final_accuracy": ex.accuracy(logits, y_np),
-        "seconds": seconds,
-        "findings": [{"kind": f.kind, "step": f.step, "layer": f.layer}
-                     for f in watcher.findings],
-        "report": str(watcher.report()),
-    }
+    return ex.RunResult(
+        experiment=exp.name, framework=FRAMEWORK, settings=settings.name,
+        findings=tuple(watcher.findings), final_loss=ex.bce_with_logits(logits, y_np),
+        final_accuracy=ex.accuracy(logits, y_np), seconds=seconds, batches=trained,
+        report=watcher.report(), versions=versions())
 
 
 def versions() -> str:

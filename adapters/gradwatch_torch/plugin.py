@@ -1,11 +1,16 @@
-"""Registers the PyTorch adapter with gradwatch (entry point ``gradwatch: torch``)."""
+"""Registers the PyTorch adapter with gradwatch (entry point ``gradwatch: torch``): it claims
+``torch.nn.Module`` models and runs the reference experiments. Imports no torch: this module is
+loaded wherever gradwatch is, torch installed or not."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
 from typing import Any
 
 from gradwatch import hookimpl
+from gradwatch.experiments import DEFAULT, Experiment, ExperimentRunner, RunResult, Settings
 
 
 @hookimpl(trylast=True)
@@ -19,3 +24,31 @@ def gradwatch_claim_model(model: Any, options: dict[str, Any]) -> Any | None:
     from ._watcher import TorchWatcher
 
     return TorchWatcher(model, **options)
+
+
+class TorchRunner(ExperimentRunner):
+    """The reference experiments in PyTorch (:mod:`gradwatch_torch.experiments`, imported when
+    a run starts)."""
+
+    framework = "torch"
+
+    def unavailable(self) -> str | None:
+        if "torch" not in sys.modules and importlib.util.find_spec("torch") is None:
+            return "PyTorch is not installed (pip install torch)"
+        return None
+
+    def versions(self) -> str:
+        from .experiments import versions
+
+        return versions()
+
+    def run(self, exp: Experiment, events: str | os.PathLike[str],
+            settings: Settings = DEFAULT) -> RunResult:
+        from .experiments import run
+
+        return run(exp, events, settings)
+
+
+@hookimpl
+def gradwatch_experiment_runners() -> list[ExperimentRunner]:
+    return [TorchRunner()]

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 import gradwatch
-from gradwatch import _experiments as ex
+from gradwatch import experiments as ex
 from gradwatch._findings import to_json_ready
 
 # -- families --------------------------------------------------------------------------------

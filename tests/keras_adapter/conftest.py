@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gradwatch._experiments import moons  # noqa: F401  (the experiments' own data set)
+from gradwatch.experiments import moons  # noqa: F401  (the experiments' own data set)
 
 keras = pytest.importorskip("keras")
 

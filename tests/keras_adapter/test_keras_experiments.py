@@ -11,42 +11,58 @@ import pytest
 keras = pytest.importorskip("keras")
 from gradwatch_keras import experiments as kx  # noqa: E402
 
-from gradwatch import _experiments as ex  # noqa: E402
+from gradwatch import experiments as ex  # noqa: E402
 from gradwatch._events import first_last_ratio, read_runs, weight_change_percent  # noqa: E402
 
 BACKEND = keras.backend.backend()
+#: The runners the plugins give the command line.
+RUNNERS = ex.experiment_runners()
 NAMES = [e.name for e in ex.EXPERIMENTS]
+SETTINGS = [pytest.param(s, id=s.name) for s in ex.SETTINGS]
 REPAIRS = ["shallow-sigmoid", "deep-relu", "deep-leaky-relu", "deep-prelu", "deep-tanh-xavier",
            "deep-sigmoid-batchnorm", "deep-sigmoid-residual", "explode-repaired",
            "dying-relu-leaky-0.3"]
 
 
-def train(exp, tmp_path, runner=kx):
-    events = tmp_path / f"{exp.name}-{runner.FRAMEWORK}.jsonl"
-    raw = runner.run(exp, events)
+def train(exp, tmp_path, framework="keras", settings=ex.EXACT):
+    events = tmp_path / f"{exp.name}-{framework}-{settings.name}.jsonl"
+    raw = RUNNERS[framework].run(exp, events, settings)
     [run] = read_runs(events)
     return raw, run
 
 
+def test_the_runner_reads_the_backend_keras_loaded():
+    runner = RUNNERS["keras"]
+    assert runner.unavailable() is None
+    assert runner.label == ("keras/tf" if BACKEND == "tensorflow" else f"keras/{BACKEND}")
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
 @pytest.mark.parametrize("name", NAMES)
-def test_experiment_meets_its_expected_verdict(name, tmp_path):
+def test_experiment_meets_its_expected_verdict(name, settings, tmp_path):
+    # Under gradwatch's defaults (sampled update ratios) as under exact measurement.
     exp = ex.get(name)
-    raw, run = train(exp, tmp_path)
-    assert ex.judge(exp, run.kinds) == [], raw["report"]
+    raw, run = train(exp, tmp_path, settings=settings)
+    assert ex.judge(exp, run.kinds) == [], raw.report
     assert [(f.kind, f.step, f.layer) for f in run.findings] == [
-        (f["kind"], f["step"], f["layer"]) for f in raw["findings"]]
+        (f.kind, f.step, f.layer) for f in raw.findings]
     assert list(run.layers) == ex.layer_names(exp)
-    assert run.framework == f"keras/{BACKEND}" and raw["backend"] == BACKEND
-    assert run.ended and run.steps == exp.steps
+    assert run.framework == f"keras/{BACKEND}" and raw.backend == BACKEND
+    # Only gradwatch's async_safe callback is passed to fit(): Keras may dispatch its batch
+    # ends asynchronously, and gradwatch must still see every step it trained, each with
+    # its loss.
+    assert raw.batches == exp.steps
+    assert raw.steps_seen == raw.batches and run.ended and run.steps == exp.steps
+    assert run.loss_steps.tolist() == list(range(1, exp.steps + 1))
     if name in REPAIRS:
-        assert first_last_ratio(run) > 1e-2, raw["report"]
-        assert raw["final_loss"] < 0.69
+        assert first_last_ratio(run) > 1e-2, raw.report
+        assert raw.final_loss < 0.69
     if name == "deep-sigmoid":
         assert first_last_ratio(run) < 1e-6
         assert run.findings[0].kind == "vanishing_gradient" and run.findings[0].layer == "fc0"
-        assert raw["final_loss"] == pytest.approx(math.log(2), abs=0.01)
+        assert raw.final_loss == pytest.approx(math.log(2), abs=0.01)
     if name == "explode-clip-only":
-        assert math.isfinite(raw["final_loss"]) and raw["final_loss"] > 10
+        assert math.isfinite(raw.final_loss) and raw.final_loss > 10
 
 
 def test_weight_change_since_the_start_is_measured(tmp_path):
@@ -63,10 +79,9 @@ def test_same_model_data_and_optimizer_as_pytorch(name, tmp_path):
     # losses agree to float32 noise. (Later steps drift apart as rounding differences grow,
     # fastest with BatchNorm.)
     pytest.importorskip("torch")
-    tx = pytest.importorskip("gradwatch_torch.experiments")
     exp = ex.get(name).with_(steps=5, check_every=1)
     _, k = train(exp, tmp_path)
-    _, t = train(exp, tmp_path, runner=tx)
+    _, t = train(exp, tmp_path, framework="torch")
     assert k.loss_steps.tolist() == t.loss_steps.tolist() == [1, 2, 3, 4, 5]
     np.testing.assert_allclose(k.loss, t.loss, rtol=1e-4)
     np.testing.assert_allclose(k.grad_norm[0], t.grad_norm[0], rtol=1e-4)

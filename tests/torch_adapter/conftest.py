@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import gradwatch  # noqa: E402
-from gradwatch._experiments import moons  # noqa: E402
+from gradwatch.experiments import moons  # noqa: E402
 
 
 def mlp(depth: int, width: int = 32, act: type[nn.Module] = nn.ReLU, init: str | None = None,

@@ -14,7 +14,7 @@ from torch import nn  # noqa: E402
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 
 import gradwatch  # noqa: E402
-from gradwatch._experiments import moons  # noqa: E402
+from gradwatch.experiments import moons  # noqa: E402
 
 STEPS = 60
 CHECK_EVERY = 5

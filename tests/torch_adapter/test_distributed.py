@@ -52,7 +52,7 @@ def deep_sigmoid() -> nn.Sequential:
 
 def batches(rank: int | None):
     """Per step, this rank's half of the global batch (the whole batch for rank None)."""
-    from gradwatch._experiments import moons
+    from gradwatch.experiments import moons
 
     x, y = map(torch.from_numpy, moons(seed=0))
     gen = torch.Generator().manual_seed(1)

@@ -14,7 +14,7 @@ from conftest import mlp  # noqa: E402
 from torch import nn  # noqa: E402
 
 import gradwatch  # noqa: E402
-from gradwatch._experiments import moons  # noqa: E402
+from gradwatch.experiments import moons  # noqa: E402
 
 CHECK_EVERY = 5
 

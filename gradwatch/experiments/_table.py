@@ -1,55 +1,13 @@
-"""The reference experiments, framework-neutral: specs, data, initial weights, batches, verdicts.
-
-Each framework adapter builds the model a spec describes, loads the weights
-:func:`initial_weights` made, trains on the batches :func:`batch_indices` lists, and returns its
-numbers; so a PyTorch run and a Keras run of one experiment start from the same weights and see
-the same data in the same order.
-"""
+"""The experiment table: every reference run, what it trains and the verdict it must produce."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-# -- data ------------------------------------------------------------------------------------
-
-
-def moons(n: int = 512, noise: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Two interleaving half-circles (2 inputs, labels 0/1), made in code: nothing is downloaded.
-
-    Returns ``(x, y)``: float32 arrays of shape ``[n, 2]`` and ``[n]``.
-    """
-    rng = np.random.default_rng(seed)
-    half = n // 2
-    t = rng.uniform(0, math.pi, n)
-    x = np.concatenate([np.c_[np.cos(t[:half]), np.sin(t[:half])],
-                        np.c_[1 - np.cos(t[half:]), 0.5 - np.sin(t[half:])]])
-    x += rng.normal(0, noise, x.shape)
-    y = np.r_[np.zeros(half), np.ones(n - half)]
-    return x.astype(np.float32), y.astype(np.float32)
-
-
-def circles(n: int = 512, noise: float = 0.1, factor: float = 0.5,
-            seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Two concentric circles (inner radius ``factor``; label 1 inside), made in code.
-
-    Returns ``(x, y)``: float32 arrays of shape ``[n, 2]`` and ``[n]``.
-    """
-    rng = np.random.default_rng(seed)
-    half = n // 2
-    t = rng.uniform(0, 2 * math.pi, n)
-    r = np.r_[np.ones(half), np.full(n - half, factor)]
-    x = np.c_[r * np.cos(t), r * np.sin(t)] + rng.normal(0, noise, (n, 2))
-    y = np.r_[np.zeros(half), np.ones(n - half)]
-    return x.astype(np.float32), y.astype(np.float32)
-
-
-DATASETS = {"moons": moons, "circles": circles}
-
-# -- specs -----------------------------------------------------------------------------------
+from ._data import DATASETS
 
 #: Kinds a healthy run must not raise. A loss plateau is allowed: a run that converged plateaus
 #: too (the finding says whether the run is stuck or converged); saturated sigmoid units are
@@ -283,78 +241,6 @@ def select(names: Iterable[str] | None) -> list[Experiment]:
                        f"names {', '.join(e.name for e in EXPERIMENTS)} or groups "
                        f"{', '.join(GROUPS)}")
     return [e for e in EXPERIMENTS if e.name in wanted or e.group in wanted]
-
-
-# -- what both frameworks share --------------------------------------------------------------
-
-
-def layer_dims(exp: Experiment) -> list[tuple[int, int]]:
-    """``(fan_in, fan_out)`` of every linear layer, input side first (the last is ``out``)."""
-    dims = [2] + [exp.width] * exp.depth + [1]
-    return list(zip(dims[:-1], dims[1:]))
-
-
-def layer_names(exp: Experiment) -> list[str]:
-    """The layers gradwatch watches (those owning parameters), input side first; the same in
-    every framework."""
-    names = []
-    for i in range(exp.depth):
-        names.append(f"fc{i}")
-        if exp.batchnorm:
-            names.append(f"bn{i}")
-        if exp.activation == "prelu":
-            names.append(f"act{i}")
-    return names + ["out"]
-
-
-def initial_weights(exp: Experiment) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(W [fan_in, fan_out], b [fan_out])`` per linear layer, float32, from the spec's seed.
-
-    PyTorch's ``nn.Linear`` stores ``W.T``; Keras' ``Dense`` stores ``W``.
-    """
-    rng = np.random.default_rng([exp.seed, 1])
-    out = []
-    layers = layer_dims(exp)
-    for i, (fan_in, fan_out) in enumerate(layers):
-        if exp.init == "default":
-            bound = 1 / math.sqrt(fan_in)
-            w = rng.uniform(-bound, bound, (fan_in, fan_out))
-            b = rng.uniform(-bound, bound, fan_out)
-        elif exp.init == "xavier":
-            bound = math.sqrt(6 / (fan_in + fan_out))
-            w = rng.uniform(-bound, bound, (fan_in, fan_out))
-            b = np.zeros(fan_out)
-        else:  # he
-            w = rng.normal(0, math.sqrt(2 / fan_in), (fan_in, fan_out))
-            b = np.zeros(fan_out)
-        w = w * exp.init_scale
-        if exp.bias_init is not None and i < len(layers) - 1:
-            b = np.full(fan_out, exp.bias_init)
-        out.append((w.astype(np.float32), b.astype(np.float32)))
-    return out
-
-
-def batch_indices(exp: Experiment) -> np.ndarray:
-    """``[steps, batch]`` example indices: one shuffled pass over the data after another."""
-    rng = np.random.default_rng([exp.seed, 2])
-    per_epoch = exp.n // exp.batch
-    epochs = -(-exp.steps // per_epoch)
-    idx = [rng.permutation(exp.n)[:per_epoch * exp.batch].reshape(per_epoch, exp.batch)
-           for _ in range(epochs)]
-    return np.concatenate(idx)[:exp.steps]
-
-
-def bce_with_logits(logits: np.ndarray, y: np.ndarray) -> float:
-    """Mean binary cross-entropy of logits, computed stably (as both frameworks do)."""
-    z = np.asarray(logits, dtype=np.float64).reshape(-1)
-    y = np.asarray(y, dtype=np.float64).reshape(-1)
-    with np.errstate(all="ignore"):
-        return float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
-
-
-def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
-    z = np.asarray(logits, dtype=np.float64).reshape(-1)
-    return float(np.mean((z > 0) == (np.asarray(y).reshape(-1) > 0.5)))
 
 
 def judge(exp: Experiment, kinds: Iterable[str]) -> list[str]:

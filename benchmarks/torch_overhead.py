@@ -354,15 +354,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: How a round is timed: ``time.perf_counter`` (wall, the default) or ``time.process_time``
+#: (``--clock cpu``: this process's CPU time, which other processes taking the machine's cores
+#: do not inflate; with several torch threads it adds theirs up).
+_clock: Callable[[], float] = time.perf_counter
+
+
 def timed(cfg: Config, steps: int, warmup: int, device: torch.device) -> float:
     for _ in range(warmup):
         cfg.step()
     sync(device)
-    t = time.perf_counter()
+    t = _clock()
     for _ in range(steps):
         cfg.step()
     sync(device)
-    return (time.perf_counter() - t) / steps
+    return (_clock() - t) / steps
 
 
 def error_text(exc: BaseException, needs: str | None) -> str:
@@ -389,18 +395,24 @@ def time_configs(model_fn, configs: list[str], rounds: int, steps: int, warmup: 
             if os.environ.get("GRADWATCH_BENCH_DEBUG"):
                 traceback.print_exc()
     per_round: dict[str, list[float]] = {name: [] for name in live}
-    for _ in range(rounds):
-        for name, cfg in list(live.items()):
+    for r in range(rounds):
+        # The order turns each round, so that no configuration always runs first (or right
+        # after the same other one).
+        names = list(live)
+        for name in names[r % len(names):] + names[:r % len(names)]:
             try:
                 with contextlib.redirect_stdout(sys.stderr):
-                    per_round[name].append(timed(cfg, steps, warmup, device))
+                    per_round[name].append(timed(live[name], steps, warmup, device))
             except Exception as exc:
                 rows[name] = {"error": error_text(exc, None)}
                 del live[name], per_round[name]
-    plain = statistics.median(per_round["plain"])
+    plain_rounds = per_round["plain"]
+    plain = statistics.median(plain_rounds)
     for name in per_round:
         med = statistics.median(per_round[name])
         rows[name] = {"median_ms": med * 1e3, "ratio": med / plain, "added_ms": (med - plain) * 1e3,
+                      "paired_ratio": statistics.median(
+                          a / b for a, b in zip(per_round[name], plain_rounds)),
                       "rounds_ms": [round(x * 1e3, 4) for x in per_round[name]]}
     for cfg in live.values():
         with contextlib.suppress(Exception), contextlib.redirect_stdout(sys.stderr):
@@ -511,13 +523,16 @@ SCALING_CONFIGS = ["plain", "gradwatch-default", "gradwatch-every-step", "floor"
 
 
 def scaling(depths: list[int], rounds: int, steps: int, warmup: int, device: torch.device,
-            workdir: str) -> dict[str, Any]:
+            workdir: str, configs: list[str] = SCALING_CONFIGS) -> dict[str, Any]:
+    """The thin-MLP sweep, over the ``configs`` of :data:`SCALING_CONFIGS` asked for."""
     out: dict[str, Any] = {}
+    names = [name for name in SCALING_CONFIGS if name in configs]
     for depth in depths:
         model_fn = thin_mlp(depth)
-        rows = time_configs(model_fn, SCALING_CONFIGS, rounds, steps, warmup, device, workdir)
-        for name in ("gradwatch-default", "gradwatch-every-step", "naive-item", "floor"):
-            rows[name]["syncs_per_step"] = syncs_per_step(name, model_fn, device, workdir)
+        rows = time_configs(model_fn, names, rounds, steps, warmup, device, workdir)
+        for name in names[1:]:
+            if "error" not in rows[name]:
+                rows[name]["syncs_per_step"] = syncs_per_step(name, model_fn, device, workdir)
         out[str(depth)] = {"param_tensors": 2 * depth, "configs": rows}
         print(f"  scaling: {depth} layers done", file=sys.stderr)
     return out
@@ -536,6 +551,9 @@ def plot_scaling(result: dict[str, Any], path: str) -> None:
               "floor": "floor (one batched norm + one transfer)"}
     tensors = [v["param_tensors"] for v in result.values()]
     for name, label in labels.items():
+        if any(name not in v["configs"] or "error" in v["configs"][name]
+               for v in result.values()):
+            continue
         added = [max(v["configs"][name]["added_ms"], 1e-3) for v in result.values()]
         ax_t.plot(tensors, added, marker="o", label=label)
         ax_s.plot(tensors, [v["configs"][name]["syncs_per_step"] for v in result.values()],
@@ -567,14 +585,17 @@ def machine(device: torch.device) -> str:
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = [f"{'model':<12} {'config':<22} {'median ms/step':>15} {'ratio':>7} {'added ms':>9}"]
-    for model_name, rows in results["models"].items():
+    lines = [f"{'model':<12} {'config':<22} {'median ms/step':>15} {'ratio':>7} {'paired':>7} "
+             f"{'added ms':>9}"]
+    sweep = {f"mlp-{depth}x16": entry["configs"] for depth, entry in results["scaling"].items()}
+    for model_name, rows in {**results["models"], **sweep}.items():
         for name, row in rows.items():
             if "error" in row:
                 lines.append(f"{model_name:<12} {name:<22} error: {row['error']}")
             else:
                 lines.append(f"{model_name:<12} {name:<22} {row['median_ms']:>15.3f} "
-                             f"{row['ratio']:>7.3f} {row['added_ms']:>9.3f}")
+                             f"{row['ratio']:>7.3f} {row['paired_ratio']:>7.3f} "
+                             f"{row['added_ms']:>9.3f}")
     return "\n".join(lines)
 
 
@@ -582,8 +603,8 @@ def markdown(results: dict[str, Any]) -> str:
     """The results as the Markdown tables docs/performance.md quotes."""
     out = [f"Machine: {results['machine']}; device {results['device']}.  ",
            f"Command: `{results['command'].strip()}` ({results['rounds']} alternating rounds x "
-           f"{results['steps']} steps after {results['warmup']} warm-up; {results['wall_s'] / 60:.0f} "
-           "min).", "",
+           f"{results['steps']} steps after {results['warmup']} warm-up, "
+           f"{results.get('clock', 'wall')} clock; {results['wall_s'] / 60:.0f} min).", "",
            "Ratios: *median* = median round / median plain round; *paired* = median over rounds "
            "of (this config / plain in the same round); *best* = fastest round / fastest plain "
            "round (noise only ever adds time, so on a shared machine the best rounds are the "
@@ -614,13 +635,16 @@ def markdown(results: dict[str, Any]) -> str:
                    f"{e['persistent_bytes'] / kib:.0f} KiB | {e['peak_extra_bytes'] / kib:.0f} KiB "
                    f"({100 * e['peak_extra_fraction_of_params']:.0f} %) |")
     if results["scaling"]:
-        names = SCALING_CONFIGS[1:]
+        first = next(iter(results["scaling"].values()))["configs"]
+        names = [n for n in SCALING_CONFIGS[1:] if n in first]
         out += ["", "| layers | parameter tensors | plain ms/step | " +
-                " | ".join(f"{n} added ms (syncs)" for n in names) + " |",
+                " | ".join(f"{n} added ms, paired ratio (syncs)" for n in names) + " |",
                 "|---" * (3 + len(names)) + "|"]
         for depth, entry in results["scaling"].items():
             rows = entry["configs"]
-            cells = [f"{rows[n]['added_ms']:+.2f} ({rows[n]['syncs_per_step']:g})" for n in names]
+            cells = [f"error: {rows[n]['error']}" if "error" in rows[n] else
+                     f"{rows[n]['added_ms']:+.2f}, {rows[n]['paired_ratio']:.3f} "
+                     f"({rows[n].get('syncs_per_step', float('nan')):g})" for n in names]
             out.append(f"| {depth} | {entry['param_tensors']} | {rows['plain']['median_ms']:.2f} | "
                        + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
@@ -640,6 +664,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="comma-separated subset of: " + ", ".join(CONFIGS))
     p.add_argument("--depths", default="10,30,100,300,1000", help="scaling sweep (layers)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="time rounds by the wall clock, or by this process's CPU time (on a "
+                        "machine others are using)")
     p.add_argument("--out", help="directory for results.json, results.md and scaling.png")
     args = p.parse_args(argv)
     if args.quick:
@@ -663,11 +690,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ValueError:
         p.error(f"--depths must be comma-separated integers, got {args.depths!r}")
     device = torch.device(args.device)
+    global _clock
+    _clock = time.process_time if args.clock == "cpu" else time.perf_counter
     started = time.perf_counter()
     results: dict[str, Any] = {
         "machine": machine(device), "device": str(device),
         "command": "python benchmarks/torch_overhead.py " + " ".join(argv or sys.argv[1:]),
-        "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
+        "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup, "clock": args.clock,
         "models": {}, "syncs_per_step": {}, "memory": {}, "scaling": {},
     }
     with tempfile.TemporaryDirectory() as workdir, warnings.catch_warnings():
@@ -685,7 +714,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if depths:
             print(f"[{time.perf_counter() - started:6.1f}s] scaling sweep …", file=sys.stderr)
             results["scaling"] = scaling(depths, args.rounds, args.steps, args.warmup, device,
-                                         workdir)
+                                         workdir, configs)
     results["wall_s"] = time.perf_counter() - started
     print(table(results))
     for model_name, mem in results["memory"].items():

@@ -1,16 +1,19 @@
 """What the torch watcher needs to know about wrappers, ranks and sharded (DTensor) parameters.
 
-Nothing here runs a collective except :func:`all_reduce_sum`, which the watcher calls once per
-check and only when a watched parameter is sharded (FSDP2 / DTensor).
+Nothing here runs a collective except :func:`sum_over_ranks` (one :func:`all_reduce_sum`), which
+the watcher calls once per check and only when a watched parameter is sharded (FSDP2 / DTensor).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
 import torch
 from torch import nn
+
+from ._readout import Measured
 
 RANKS = ("zero", "all")
 
@@ -49,6 +52,18 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def compiled(model: nn.Module) -> bool:
+    """Whether ``torch.compile``'s ``OptimizedModule`` is among the wrappers of ``model``."""
+    for _ in range(8):
+        if type(model).__name__ == "OptimizedModule":
+            return True
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return False
+        model = inner
+    return False
+
+
 def module_type(module: nn.Module) -> type:
     """The user's class of a module: FSDP2's ``fully_shard`` swaps it for a subclass named
     ``FSDP<Class>`` in place; its own class is the next one in the MRO."""
@@ -84,6 +99,17 @@ def rank_path(path: str | os.PathLike, rank: int) -> str:
     return os.path.join(head, f"{stem}.rank{rank}{ext}")
 
 
+def emitting(rank: int, ranks: str, options: dict[str, Any]) -> bool:
+    """Whether this rank emits findings (``ranks="zero"``: rank 0 only). A rank N > 0 that
+    emits writes its events to a file of its own (``run.rankN.jsonl``), one that does not writes
+    none: ``options["events"]`` is changed to say so."""
+    emits = rank == 0 or ranks == "all"
+    events = options.get("events")
+    if rank != 0 and isinstance(events, (str, os.PathLike)):
+        options["events"] = rank_path(events, rank) if emits else None
+    return emits
+
+
 def is_sharded(tensor: Any) -> bool:
     return DTensor is not None and isinstance(tensor, DTensor)
 
@@ -117,3 +143,49 @@ def replication(tensor: Any, world: int) -> float:
 def all_reduce_sum(tensor: torch.Tensor) -> None:
     """Sum ``tensor`` over every rank of the default process group, in place."""
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+
+
+def sum_over_ranks(measured: Measured, rep: torch.Tensor, sample_rep: torch.Tensor | None,
+                   world: int, rank: int, detail: bool) -> Measured:
+    """Sharded parameters: the ranks' per-tensor statistics of their shards become the whole
+    tensors' in ONE all-reduce (sums of squares, ``rep``/``sample_rep`` making every element
+    count once; max |g| by a per-rank row, maxed after).
+
+    The buffer's layout depends only on the step and the watcher's settings, never on what this
+    rank happened to see, so every rank contributes a buffer of the same size.
+    """
+    hist = measured.hist
+    n = hist.shape[1]
+    missing = torch.full((n,), math.nan, device=hist.device)
+
+    def sq(t: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+        return t * t * scale if t is not None else missing
+
+    blocks = {"hist": (hist * hist * rep).flatten(), "pre": sq(measured.pre, rep),
+              "nonzero": (measured.grad_nonzero * rep if measured.grad_nonzero is not None
+                          else missing)}
+    if measured.weight is not None:
+        blocks["weight"] = sq(measured.weight, rep)
+    if measured.change is not None and sample_rep is not None:
+        for name in ("change", "update", "before", "start"):
+            blocks[name] = sq(getattr(measured, name), sample_rep)
+    if detail:
+        rows = torch.zeros((world, n), device=hist.device)
+        rows[rank] = measured.grad_max if measured.grad_max is not None else missing
+        blocks["max"] = rows.flatten()
+    buf = torch.cat(list(blocks.values()))
+    all_reduce_sum(buf)
+    out = dict(zip(blocks, torch.split(buf, [b.numel() for b in blocks.values()])))
+    has_extra = measured.grad_nonzero is not None
+
+    def norm(name: str, kept: torch.Tensor | None) -> torch.Tensor | None:
+        return out[name].sqrt() if kept is not None and name in out else None
+
+    return Measured(
+        hist=out["hist"].sqrt().reshape(hist.shape),
+        grad_max=(out["max"].reshape(world, n).amax(0) if detail else measured.grad_max)
+        if has_extra else None,
+        grad_nonzero=out["nonzero"] if has_extra else None,
+        pre=norm("pre", measured.pre), weight=norm("weight", measured.weight),
+        change=norm("change", measured.change), update=norm("update", measured.update),
+        before=norm("before", measured.before), start=norm("start", measured.start))

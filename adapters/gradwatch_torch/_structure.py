@@ -34,6 +34,13 @@ def _grad_fns(obj: Any, out: set, depth: int = 0) -> None:
             _grad_fns(x, out, depth + 1)
 
 
+def grad_fns(obj: Any) -> set:
+    """The ``grad_fn`` of every tensor in a module's output (or inputs)."""
+    out: set = set()
+    _grad_fns(obj, out)
+    return out
+
+
 def _reaches(node: Any, targets: set, limit: int) -> bool:
     stack, seen = [node], set()
     while stack and len(seen) < limit:

@@ -78,6 +78,23 @@ def test_compile_modes_see_every_step_and_every_check_steps_update_ratios(compil
     assert sorted(steps) == steps and len(measured) == 2 * STEPS_PER_EPOCH // 5
 
 
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="steps_per_execution > 1 is TensorFlow's")
+def test_steps_per_execution_beyond_the_check_interval_loses_no_step():
+    # One batch end per 16 steps, a check every 5: most check steps fall inside an execution,
+    # and a read comes up to 16 steps after the last one.
+    rec = StatsRecorder()
+    run = fit(compiled(mlp(2), steps_per_execution=16), epochs=3, sync=True,
+              callback=GradWatchCallback(check_every=5, plugins=[rec]))
+    n = 3 * STEPS_PER_EPOCH
+    assert run.report.steps == n
+    assert np.concatenate([s.steps for s in rec.stats]).tolist() == list(range(1, n + 1))
+    # A check's check-step numbers are of its last step: the steps after it wait for the next.
+    measured = [s for s in rec.stats if s.update_ratio is not None]
+    assert [s.step for s in measured] == [15, 30, 45]
+    for s in measured:
+        assert (s.grad_norm_orthogonal <= s.last_grad_norm * (1 + 1e-6)).all()
+
+
 def test_validation_batches_are_not_training_steps():
     xv, yv = circles(n=128, seed=1)
     model = compiled(mlp(2))
@@ -571,6 +588,48 @@ if ASYNC_DISPATCH:
         steps = np.concatenate([s.steps for s in rec.stats]).tolist()
         assert sorted(set(range(1, 2 * 64 + 1)) - set(steps)) == []  # none missing
         assert sorted(steps) == steps and len(set(steps)) == len(steps)  # in order, once each
+
+
+class BatchEndThreads(GradWatchCallback):
+    """GradWatchCallback that notes the thread each of its batch ends runs on (still async-safe)."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.batch_end_threads: list[str] = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batch_end_threads.append(threading.current_thread().name)
+        super().on_train_batch_end(batch, logs)
+
+
+@pytest.mark.parametrize("check_every, update_ratio", [
+    pytest.param(1, "exact", id="every-step-exact"),  # the reference experiments' settings
+    pytest.param(5, "sampled", id="every-5-sampled"),
+])
+def test_async_dispatch_alone_loses_no_step_check_or_sample(check_every, update_ratio):
+    # GradWatchCallback is the only callback with a batch end, so Keras dispatches batch ends to
+    # its thread pool (where the backend allows it). 3 epochs of 16 batches, the last of each
+    # epoch partial: every step, check, check-step measurement and activation sample arrives,
+    # once, in order.
+    epochs, batches = 3, 16
+    n = epochs * batches
+    rec = StatsRecorder()
+    cb = BatchEndThreads(check_every=check_every, update_ratio=update_ratio, plugins=[rec])
+    run = fit(compiled(mlp(3, init="he_normal")), circles(n=500), epochs=epochs, callback=cb)
+    assert len(cb.batch_end_threads) == n
+    if ASYNC_DISPATCH:
+        assert threading.main_thread().name not in cb.batch_end_threads  # dispatched async
+    assert run.report.steps == n
+    assert run.report.checks == len(rec.stats) == math.ceil(n / check_every)
+    assert np.concatenate([s.steps for s in rec.stats]).tolist() == list(range(1, n + 1))
+    assert np.isfinite(np.concatenate([s.loss for s in rec.stats])).all()
+    measured = [s for s in rec.stats if s.step % check_every == 0]
+    assert len(measured) == n // check_every
+    for s in measured:  # the check step's own numbers, measured at that step
+        assert np.isfinite(s.update_ratio).all() and np.isfinite(s.weight_norm).all()
+        assert np.isfinite(s.grad_max).all() and np.isfinite(s.grad_norm_orthogonal).all()
+    every = 5 * check_every  # activation_every's default
+    assert [s.step for s in rec.stats if s.activations] == list(range(every, n + 1, every))
 
 
 def test_moons_relu_run_is_quiet():

@@ -135,12 +135,12 @@ def worker(rank: int, port: int, outdir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist = torch.distributed
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    from gradwatch_torch import _watcher
+    from gradwatch_torch import _distributed
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     collectives = []
-    real_all_reduce = _watcher.all_reduce_sum
-    _watcher.all_reduce_sum = lambda t: (collectives.append(t.numel()), real_all_reduce(t))
+    real_all_reduce = _distributed.all_reduce_sum
+    _distributed.all_reduce_sum = lambda t: (collectives.append(t.numel()), real_all_reduce(t))
     results: dict = {}
 
     def run(name: str, fn, everyone: bool = True) -> None:

@@ -1,0 +1,217 @@
+"""One watched ``fit``: what it watches, where each step's numbers go, and its checks.
+
+Set up in ``on_train_begin`` and closed at the end of ``fit``. The optimizer wrappers hand it the
+loss and the gradients; it routes them by how the step runs (traced: :class:`GraphRecorder`,
+eager: :class:`EagerRecorder`) and by replica, and turns a read into :class:`kit.StepStats`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import keras
+from keras import ops
+
+from gradwatch import kit
+
+from ._activations import ActivationSampler
+from ._distribute import CAPTURED, Capture, all_reduce, reduce_raw, reduction, replica, replicas_of
+from ._eager import EagerRecorder
+from ._graph import GraphRecorder, GraphState, current_graph
+from ._model import ModelFacts, WatchedVariables, model_facts
+from ._ops import dense, is_tracing, ops_for
+from ._optimizer import OptimizerPatch
+from ._plan import StepPlan
+from ._readout import Cursor, RecordSettings, eager_record, graph_record
+from ._samples import WeightSamples
+
+
+class FitWatch:
+    """Everything one watched ``fit`` holds; :meth:`close` leaves the model as it was.
+
+    Args:
+        model: The compiled model being fit.
+        monitor: The run's monitor (its context is set here).
+        update_ratio: ``"sampled"``, ``"exact"`` or ``"off"``.
+        sample_fraction: ``sample_fraction``.
+    """
+
+    def __init__(self, model: Any, monitor: kit.Monitor, *, update_ratio: str,
+                 sample_fraction: float) -> None:
+        optimizer = model.optimizer
+        self._monitor = monitor
+        self._backend = backend = keras.backend.backend()
+        self._inner = inner = getattr(optimizer, "inner_optimizer", optimizer)
+        #: Serialises checks (Keras may run batch ends on a thread pool).
+        self.lock = threading.Lock()
+        #: Whether the wrappers are installed.
+        self.active = False
+        #: Whether a traced train step called ``apply`` (then batch ends read the state).
+        self.traced = False
+        self._patch = OptimizerPatch(monitor)
+        #: The watched variables and their layers.
+        self.variables = variables = WatchedVariables(model)
+        #: What the model's layers and graph say.
+        self.facts: ModelFacts = model_facts(model, inner)
+        monitor.set_context(kit.RunContext(model=self.facts.info,
+                                           layers=tuple(variables.layer_infos())))
+        monitor.reset()
+        monitor.start()
+        # Room for two checks' steps and an execution's: the steps after a check step wait
+        # for the next read.
+        window = 2 * monitor.check_every + 4 + int(getattr(model, "steps_per_execution", 1) or 1)
+        self._ops = ops_for(backend, variables.float64)
+        self._samples = WeightSamples(self._ops, variables.variables, update_ratio,
+                                      sample_fraction)
+        self._layout = variables.layout(self._samples.scale)
+        self.activations = ActivationSampler(monitor, eager_gating=backend == "torch")
+        try:
+            self.activations.wrap(model)
+            self._replicas = replicas_of(model)
+            self._reduction = reduction(model, inner, self._replicas)
+            # A static loss_scale_factor is divided out inside apply; gradients taken before
+            # that are divided on the host. Keras' reduction sees them already divided.
+            scale = getattr(inner, "loss_scale_factor", None)
+            scale = None if (scale is None or self._reduction == "keras") else float(scale)
+            self._settings = RecordSettings(self.activations.sites, scale,
+                                            self._samples.start_sq)
+            start = int(ops.convert_to_numpy(inner.iterations))
+            self._cursor = Cursor(start)
+            plan = StepPlan(self._ops, variables.variables, self._samples, self.activations,
+                            monitor, start, window)
+            self._graph: GraphRecorder | None = None
+            if backend == "tensorflow":
+                state = GraphState(model.distribute_strategy, self._replicas, window,
+                                   len(variables), len(self.activations.sites))
+                self._graph = GraphRecorder(state, plan, inner.iterations)
+            self._eager = EagerRecorder(plan)
+            #: Per-thread trace state (tf.distribute traces each replica in its own thread).
+            self._tls = threading.local()
+            self._patch.install(optimizer, inner, on_loss=self._loss, before=self._before,
+                                after=self._after,
+                                on_reduced=self._reduced if self._reduction == "keras" else None)
+        except BaseException:
+            self.close()
+            raise
+        self.active = True
+
+    def close(self) -> None:
+        """Removes every wrapper."""
+        self._patch.uninstall()
+        self.activations.unwrap()
+        self.active = False
+
+    def nbytes(self) -> int:
+        """Bytes held between steps: start-of-run weight samples and the state variable."""
+        graph = self._graph.state.nbytes() if self._graph is not None else 0
+        return self._samples.nbytes() + graph
+
+    # -- the check ---------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Reads the steps since the last check (one transfer) and hands them to the monitor.
+        The caller holds :attr:`lock`."""
+        if self.traced:
+            graph = self._graph
+            record = graph_record(graph.state.read(), self._cursor, self._settings,
+                                  present=graph.present, has_loss=graph.has_loss,
+                                  sampled=self._samples.enabled, replicas=self._replicas)
+        else:
+            rows, check = self._eager.take(self._cursor.step)
+            eager = self._eager
+            record = eager_record(self._ops, eager.norms, eager.window, rows, check,
+                                  self.activations.take_eager(), self._cursor, self._settings,
+                                  len(self.variables))
+        if record is not None:
+            self._monitor.check(kit.step_stats(record, self._layout))
+
+    # -- what the optimizer wrappers see -----------------------------------------------------
+
+    def _loss(self, loss: Any) -> None:
+        if self._backend == "torch" and not len(loss.shape):
+            self._eager.loss = loss.detach()  # keeps no autograd graph alive between checks
+            return
+        if is_tracing():
+            self._graph.losses[replica()[0]] = loss
+            return
+        rid, replicas = replica()
+        t = ops.convert_to_tensor(loss)
+        if self._backend == "torch":
+            t = t.detach()
+        if len(t.shape):
+            t = ops.mean(t)
+        if replicas > 1:  # eager tf.distribute: Keras divided each replica's loss by their number
+            import tensorflow as tf
+
+            t = all_reduce("SUM", tf.stop_gradient(t))
+        if not rid:
+            self._eager.loss = t
+
+    def _by_position(self, grads: list[Any], tv: list[Any]) -> dict[int, Any]:
+        """Raw gradients of the watched variables (IndexedSlices kept), by position."""
+        position = self.variables.position
+        return {position[id(w)]: g for g, w in zip(grads, tv)
+                if g is not None and id(w) in position}
+
+    @staticmethod
+    def _densified(raw: dict[int, Any]) -> tuple[dict[int, Any], dict[int, Any]]:
+        """(gradient entries by position, variable rows of the sparse ones)."""
+        grads, rows = {}, {}
+        for i, g in raw.items():
+            grads[i], r = dense(g)
+            if r is not None:
+                rows[i] = r
+        return grads, rows
+
+    def _before(self, grads: list[Any], tv: list[Any]) -> Any:
+        if self._backend == "torch":  # eager, one replica, dense gradients
+            return self._eager.before(self._by_position(grads, tv), {})
+        rid, replicas = replica()
+        if not is_tracing():
+            raw = self._by_position(grads, tv)
+            if replicas > 1 and raw:  # eager tf.distribute: every replica joins in
+                raw = reduce_raw(raw)
+            return None if rid else self._eager.before(*self._densified(raw))
+        self.traced = True
+        graph = self._graph
+        if replicas > 1 and self._reduction == "keras":
+            if rid:
+                return graph.before(None, rid=rid)
+            # The statistics are taken in the wrapped all-reduce, inside the original apply.
+            self._tls.capture = Capture(current_graph())
+            return CAPTURED
+        if replicas > 1:
+            reduced = reduce_raw(self._by_position(grads, tv))
+            if rid:
+                return graph.before(None, rid=rid)
+            return graph.before(*self._densified(reduced))
+        return graph.before(*self._densified(self._by_position(grads, tv)))
+
+    def _reduced(self, reduced: list[tuple[Any, Any]]) -> None:
+        """The all-reduced gradients, inside the first replica's original apply."""
+        capture = getattr(self._tls, "capture", None)
+        if capture is None or capture.graph is not current_graph() or capture.before is not None:
+            return
+        g, w = zip(*reduced) if reduced else ((), ())
+        capture.before = self._graph.before(*self._densified(self._by_position(list(g),
+                                                                                list(w))))
+
+    def _after(self, before: Any) -> None:
+        if before is CAPTURED:
+            capture, self._tls.capture = self._tls.capture, None
+            before = capture.before if capture is not None else None
+            if before is None:
+                return
+        if self._backend != "torch" and is_tracing():
+            self._graph.after(before)
+        elif self._eager.after(before):
+            # Eager mode checks here, in the training thread: Keras may run batch-end callbacks
+            # on a thread pool far behind training, and a strict-mode error belongs to this step.
+            with self.lock:
+                try:
+                    self.check()
+                except BaseException:
+                    self.close()
+                    raise
+

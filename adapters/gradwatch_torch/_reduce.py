@@ -1,0 +1,231 @@
+"""Per-tensor reductions of many tensors in a few kernels: norms, max |x|, non-zero counts, dots.
+
+torch's foreach kernels are fused on CUDA; on CPU they loop over the tensors, one ATen call
+(about 2 µs) each, which is most of gradwatch's cost on a model of thousands of small tensors.
+There, small tensors of one shape are stacked into one ``[k, n]`` block, and small 1-D tensors of
+one dtype concatenated into another, and each block is reduced at once; everything else still
+goes through foreach, exactly as on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+#: Dtypes that ``torch._foreach_norm(..., dtype=float32)`` refuses (it will not narrow them):
+#: their norms are taken in their own precision and cast.
+WIDE = (torch.float64, torch.complex64, torch.complex128)
+#: CPU tensors up to this many elements go into blocks; a larger one costs more to copy than
+#: its own kernel launch (and blocks are transient copies: they stay small).
+BLOCK_MAX_NUMEL = 4096
+#: A block costs a few fixed kernels: worth it from this many tensors on.
+BLOCK_MIN_TENSORS = 8
+
+
+def foreach_norm32(tensors: Sequence[torch.Tensor], ord: float = 2,
+                   wide: bool = False) -> list[torch.Tensor]:
+    """Per-tensor norms as float32 scalars; ``wide`` when some tensor is float64/complex."""
+    if wide:
+        return [n.float() for n in torch._foreach_norm(list(tensors), ord)]
+    return list(torch._foreach_norm(list(tensors), ord, dtype=torch.float32))
+
+
+class Block(NamedTuple):
+    """Tensors reduced together: one shape stacked (``lengths`` is None) or 1-D concatenated."""
+
+    #: Positions of the members in the plan's tensor list, ascending.
+    members: list[int]
+    #: Elements per member (a CPU tensor) for a concatenated block; None for a stacked one.
+    lengths: torch.Tensor | None
+
+
+def wide_float(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the precision its sums are taken in: float64 stays, anything else is float32."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _blockable(t: torch.Tensor) -> bool:
+    return (t.device.type == "cpu" and t.layout == torch.strided and t.dtype.is_floating_point
+            and 0 < t.numel() <= BLOCK_MAX_NUMEL)
+
+
+class ReducePlan:
+    """How one list of tensors is reduced, fixed while the tensors keep their dtype, shape,
+    device and layout. Every reduction returns a float32 vector ``[T]`` on ``device``, in the
+    list's order.
+
+    Args:
+        tensors: The tensors (or tensors like them: only their metadata is read).
+        device: Where the results go (the watcher's device).
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], device: torch.device) -> None:
+        by_shape: dict[tuple, list[int]] = {}
+        rest: list[int] = []
+        for i, t in enumerate(tensors):
+            if _blockable(t):
+                by_shape.setdefault((t.dtype, tuple(t.shape)), []).append(i)
+            else:
+                rest.append(i)
+        blocks: list[Block] = []
+        joinable: dict[torch.dtype, list[int]] = {}
+        for (dtype, shape), members in by_shape.items():
+            if len(members) >= BLOCK_MIN_TENSORS:
+                blocks.append(Block(members, None))
+            elif len(shape) == 1:
+                joinable.setdefault(dtype, []).extend(members)
+            else:
+                rest.extend(members)
+        for members in joinable.values():
+            if len(members) >= BLOCK_MIN_TENSORS:
+                members.sort()
+                blocks.append(Block(members, torch.tensor([tensors[i].numel() for i in members])))
+            else:
+                rest.extend(members)
+        rest.sort()
+        #: The blocks, then ``rest``: the tensors reduced one by one (foreach).
+        self.blocks = blocks
+        self.rest = rest
+        self.device = device
+        self.size = len(tensors)
+        self.wide = any(tensors[i].dtype in WIDE for i in rest)
+        self.one_device = all(t.device == device for t in tensors)
+        # Where each part's results go in the list's order (None: the part is the whole list).
+        parts = [b.members for b in blocks] + ([rest] if rest else [])
+        self._places: list[torch.Tensor] | None = None
+        self._order: torch.Tensor | None = None
+        if len(parts) > 1 or (parts and parts[0] != list(range(len(tensors)))):
+            self._places = [torch.tensor(members, dtype=torch.long, device=device)
+                            for members in parts]
+            self._order = torch.cat(self._places)
+
+    # -- the pieces -----------------------------------------------------------------------------
+
+    @staticmethod
+    def data(block: Block, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The block's copy of its members: ``[k, n]`` stacked, or ``[N]`` concatenated."""
+        members = [tensors[i] for i in block.members]
+        if block.lengths is None:
+            return torch.stack(members).reshape(len(members), -1)
+        return torch.cat(members)
+
+    @staticmethod
+    def member_sum(block: Block, x: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+        """Per member: the sum (or ``"max"``) of ``x``, laid out like the block's data."""
+        if block.lengths is None:
+            return x.sum(dim=1) if reduce == "sum" else x.amax(dim=1)
+        # unsafe: the lengths are right by construction (no check, no sync)
+        return torch.segment_reduce(x, reduce, lengths=block.lengths, unsafe=True)
+
+    def combine(self, parts: list[torch.Tensor],
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-block results and then the rest's, back in the list's order (into ``out``)."""
+        parts = [p if p.dtype is torch.float32 else p.float() for p in parts]
+        if not self.one_device:
+            parts = [p.to(self.device) for p in parts]
+        if self._places is None:
+            whole = parts[0] if parts else torch.zeros(0, device=self.device)
+            return whole if out is None else out.copy_(whole)
+        if out is None:
+            out = torch.empty(self.size, device=self.device)
+        for places, part in zip(self._places, parts):
+            out.index_copy_(0, places, part)
+        return out
+
+    def reorder(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-tensor results in block order (every block's members, then the rest), back in
+        the list's order."""
+        values = values.float().to(self.device)
+        if self._order is None:
+            return values
+        return torch.empty(self.size, device=self.device).index_copy_(0, self._order, values)
+
+    def _stack(self, values: list[torch.Tensor]) -> torch.Tensor:
+        if not self.one_device:
+            values = [v.to(self.device) for v in values]
+        return torch.stack(values)
+
+    def copies(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Every block's copy of its members. A list of tensors reduced several ways (norms and
+        dots, say) is copied once: pass the copies to each reduction."""
+        return [self.data(b, tensors) for b in self.blocks]
+
+    # -- reductions -----------------------------------------------------------------------------
+
+    def norms(self, tensors: Sequence[torch.Tensor], ord: float = 2,
+              out: torch.Tensor | None = None,
+              copies: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """L2 norms (or ``ord=0``: non-zero counts) of ``tensors`` ``[T]``, into ``out`` when
+        given."""
+        if not self.blocks:  # no block: one foreach call, as on CUDA
+            norms = foreach_norm32(tensors, ord, self.wide)
+            if out is not None and self.one_device:
+                return torch.stack(norms, out=out)
+            result = self._stack(norms) if norms else torch.zeros(0, device=self.device)
+            return result if out is None else out.copy_(result)
+        parts = []
+        for b, x in zip(self.blocks, self.copies(tensors) if copies is None else copies):
+            if ord == 0:
+                parts.append(torch.count_nonzero(x, dim=1) if b.lengths is None
+                             else self.member_sum(b, (x != 0).float()))
+            elif b.lengths is None:  # one kernel for the whole block
+                parts.append(torch.linalg.vector_norm(wide_float(x), dim=1))
+            else:
+                parts.append(self.member_sum(b, wide_float(x).square()).sqrt())
+        if self.rest:
+            rest = [tensors[i] for i in self.rest]
+            parts.append(self._stack(foreach_norm32(rest, ord, self.wide)))
+        return self.combine(parts, out)
+
+    def max_abs(self, tensors: Sequence[torch.Tensor],
+                copies: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """max |x| per tensor ``[T]`` (0 for an empty tensor)."""
+        parts = [self.member_sum(b, x.abs(), reduce="max")
+                 for b, x in zip(self.blocks, self.copies(tensors) if copies is None else copies)]
+        if self.rest:
+            out = torch.zeros(len(self.rest), device=self.device)
+            rest = [(k, tensors[i]) for k, i in enumerate(self.rest) if tensors[i].numel()]
+            if rest:
+                values = [t for _, t in rest]
+                if self.device.type == "cpu":
+                    # On CPU the inf-norm kernel is ~10x slower than aminmax and abs() would
+                    # copy every tensor; aminmax reads each once, allocation-free.
+                    lo_hi = [torch.aminmax(t) for t in values]
+                    gmax = torch.maximum(self._stack([a for a, _ in lo_hi]).float().abs(),
+                                         self._stack([b for _, b in lo_hi]).float().abs())
+                else:
+                    gmax = self._stack(foreach_norm32(values, math.inf, self.wide))
+                out.index_copy_(0, torch.tensor([k for k, _ in rest], device=self.device),
+                                gmax)
+            parts.append(out)
+        return self.combine(parts)
+
+    def dots(self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor],
+             copies_a: list[torch.Tensor] | None = None,
+             copies_b: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``a_t . b_t`` per tensor ``[T]``; NaN where the two cannot be multiplied (a sparse
+        tensor, another shape or dtype)."""
+        copies_a = self.copies(a) if copies_a is None else copies_a
+        copies_b = self.copies(b) if copies_b is None else copies_b
+        parts = [self.member_sum(blk, wide_float(x) * wide_float(y))
+                 for blk, x, y in zip(self.blocks, copies_a, copies_b)]
+        if self.rest:
+            keep, dots = [], []
+            for k, i in enumerate(self.rest):
+                x, y = a[i], b[i]
+                if x.is_sparse or y.is_sparse or x.shape != y.shape or x.dtype != y.dtype:
+                    continue
+                dots.append(torch.dot(x.reshape(-1), y.reshape(-1)))
+                keep.append(k)
+            values = self._stack(dots).float() if dots else None
+            if len(keep) == len(self.rest):
+                parts.append(values)
+            else:
+                out = torch.full((len(self.rest),), math.nan, device=self.device)
+                if values is not None:
+                    out.index_copy_(0, torch.tensor(keep, device=self.device), values)
+                parts.append(out)
+        return self.combine(parts)

@@ -3,7 +3,8 @@
 :class:`TorchOps` calls torch directly (Keras' per-call dispatch costs more than the kernels on
 small tensors); :class:`KerasOps` uses ``keras.ops`` and, for g . W and sparse gradients,
 TensorFlow. Every method takes and returns device tensors, except :meth:`to_host`: the one copy
-to the host a check makes.
+to the host a check makes. :class:`NormRows` keeps the per-step gradient norms (on PyTorch in one
+preallocated tensor, written in place).
 """
 
 from __future__ import annotations

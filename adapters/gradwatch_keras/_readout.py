@@ -4,7 +4,7 @@ the last check (the core's :func:`kit.step_stats` makes per-layer numbers of it)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -31,19 +31,6 @@ class Cursor:
         self.act_step = start
 
 
-class CheckNumbers(NamedTuple):
-    """A check step's per-variable numbers ``[V]`` (squared norms unhalved, as measured)."""
-
-    grad_max: np.ndarray
-    grad_dot: np.ndarray
-    weight_sq_before: np.ndarray
-    weight_sq: np.ndarray
-    #: Sampled update, its base and the change since the start (None: update ratios off).
-    update_sq: np.ndarray | None = None
-    update_base_sq: np.ndarray | None = None
-    change_sq: np.ndarray | None = None
-
-
 class RecordSettings:
     """What every record of a fit shares.
 
@@ -61,10 +48,13 @@ class RecordSettings:
         self.change_base_sq = change_base_sq
 
     def record(self, cursor: Cursor, steps: np.ndarray, sq: np.ndarray, present: np.ndarray,
-               loss: np.ndarray, has_loss: np.ndarray, check: CheckNumbers | None,
+               loss: np.ndarray, has_loss: np.ndarray, check: dict[str, np.ndarray] | None,
                acts: tuple[int, np.ndarray] | None) -> kit.CheckRecord:
         """The record of ``steps`` (absolute ids, oldest first; the last is the check step when
-        ``check`` holds its per-variable numbers); ``acts``: (step, one value per site)."""
+        ``check`` holds its per-variable numbers, by :class:`kit.CheckRecord` field: max |g|,
+        g . W, ||W||^2 before and after the update, with update ratios on also the sampled
+        update, its base and the change since the start); ``acts``: (step, one value per
+        site)."""
         cursor.step = int(steps[-1])
         sites: Sequence[kit.ActivationSite] = ()
         values: Any = ()
@@ -73,12 +63,21 @@ class RecordSettings:
             sites, values = tuple(self.sites), acts[1]
         scale = (None if self.grad_scale is None
                  else np.full(len(steps), 1.0 / self.grad_scale))
-        numbers = check._asdict() if check is not None else {}
-        if check is not None and check.update_sq is not None:
+        numbers = dict(check or {})
+        if "update_sq" in numbers:
             numbers["change_base_sq"] = self.change_base_sq
         return kit.CheckRecord(steps=steps - cursor.start, grad_sq=sq, has_grad=present,
                                loss=loss, has_loss=has_loss, grad_scale=scale,
                                activation_sites=sites, activation_values=values, **numbers)
+
+
+def _check_numbers(gmax: np.ndarray, dot: np.ndarray, before_sq: np.ndarray,
+                   weights: np.ndarray) -> dict[str, np.ndarray]:
+    """The check step's :class:`kit.CheckRecord` fields; ``weights``: ||W||^2 after the update,
+    then (with update ratios on) the sampled update, its base and the change ``[1 or 4, V]``."""
+    names = ("weight_sq", "update_sq", "update_base_sq", "change_sq")
+    return {"grad_max": gmax, "grad_dot": dot, "weight_sq_before": before_sq,
+            **dict(zip(names, weights))}
 
 
 def _upto(steps: np.ndarray, stamp: float) -> int | None:
@@ -110,7 +109,7 @@ def graph_record(read: GraphRead, cursor: Cursor, settings: RecordSettings, *,
         slots, steps = slots[:n], steps[:n]
         gmax, dot, wsq = read.grads.reshape(3, V)
         w = read.weights[:4 * V].reshape(4, V) * 2  # (tf.nn.l2_loss is half the squared norm)
-        check = CheckNumbers(gmax, dot, 2 * wsq, w[0], *(w[1:] if sampled else ()))
+        check = _check_numbers(gmax, dot, 2 * wsq, w if sampled else w[:1])
     rows = read.rows[slots]
     S = len(settings.sites)
     return settings.record(cursor, steps, 2 * rows[:, :V], np.tile(present, (len(slots), 1)),
@@ -156,7 +155,7 @@ def eager_record(ops: KerasOps, norms: NormRows, window: int, rows: list[EagerRo
         gmax[p], dot[p], wnorm[p] = host.take(3 * len(p)).reshape(3, len(p))
         k = 1 if settings.change_base_sq is None else 4  # (update ratios off: weights only)
         w = host.take(k * V).reshape(k, V) ** 2
-        numbers = CheckNumbers(gmax, dot, wnorm ** 2, w[0], *w[1:])
+        numbers = _check_numbers(gmax, dot, wnorm ** 2, w)
     values = np.full(len(settings.sites), np.nan)
     values[sites] = host.take(len(sites))
     steps = np.array([r.step for r in rows], dtype=np.int64)

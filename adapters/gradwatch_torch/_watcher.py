@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,7 +40,6 @@ from ._tensors import WatchedTensors
 logger = logging.getLogger("gradwatch")
 
 TORCH_OPTIONS = ("scaler", "update_ratio", "sample_fraction", "ranks")
-_R = TypeVar("_R")
 
 
 class TorchWatcher:
@@ -119,10 +118,6 @@ class TorchWatcher:
         self.monitor.start()
         # A watcher dropped without remove() takes its hooks with it when collected.
         weakref.finalize(self, self._hooks.clear)
-
-    def _guard(self, fn: Callable[..., _R], *args: Any) -> _R | None:
-        """Run a hook body; gradwatch's own failures are reported once and training goes on."""
-        return self.monitor.guard(f"torch adapter ({fn.__name__})", fn, *args)
 
     def _optimizer(self) -> torch.optim.Optimizer | None:
         return self._opt_ref() if self._opt_ref is not None else None
@@ -203,9 +198,10 @@ class TorchWatcher:
         self._window.commit(self._step)
         self.monitor.note_steps(self._step)
         if self.monitor.is_check_step(self._step):
-            self._guard(self._check)
+            # gradwatch's own failures are reported once and training goes on
+            self.monitor.guard("torch adapter (_check)", self._check)
             self._window.reset()
-            self._guard(self._structure_check)
+            self.monitor.guard("torch adapter (_structure_check)", self._structure_check)
         self._sampler.set_active(self.monitor.is_activation_step(self._step + 1))
 
     # -- the check -----------------------------------------------------------------------------

@@ -2,9 +2,37 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+
 import pytest
 
 import gradwatch
+
+#: The frameworks the README's test command installs. A run where one of them cannot be imported
+#: is refused, not passed: every test of that framework would be skipped and pytest would exit 0.
+#: To test without one on purpose, name it: ``GRADWATCH_TESTS_WITHOUT=keras python -m pytest``.
+REQUIRED_FRAMEWORKS = ("torch", "keras")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller has checked
+        return
+    allowed = {n.strip() for n in os.environ.get("GRADWATCH_TESTS_WITHOUT", "").split(",")}
+    missing = []
+    for name in REQUIRED_FRAMEWORKS:
+        if name in allowed:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # ImportError, or a broken install failing as it loads
+            missing.append(f"{name} ({type(exc).__name__}: {exc})")
+    if missing:
+        raise pytest.UsageError(
+            f"cannot import {', '.join(missing)}: its tests would all be skipped. Install what "
+            f"the README's test command installs (pip install torch==2.13.0 -e \".[dev,keras]\"), "
+            f"or run without it on purpose: GRADWATCH_TESTS_WITHOUT="
+            f"{','.join(m.split(' ')[0] for m in missing)} python -m pytest")
 
 #: Layer names of the toy model every core test watches, input side first.
 LAYERS = ("0", "1", "2")

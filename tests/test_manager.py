@@ -253,3 +253,28 @@ def test_the_builtin_adapters_import_only_public_core_names():
                 if parts[0] == "gradwatch":
                     assert not any(p.startswith("_") for p in parts[1:]), \
                         f"{path.relative_to(adapters)}:{node.lineno} imports {name}"
+
+
+def _pytest_with_broken_keras(tmp_path, **env):
+    """The suite's own conftest, in a fresh process where ``import keras`` fails."""
+    fake = tmp_path / "fake" / "keras"
+    fake.mkdir(parents=True, exist_ok=True)
+    (fake / "__init__.py").write_text("raise ImportError('keras is broken here')\n")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    environ = {k: v for k, v in os.environ.items() if k != "GRADWATCH_TESTS_WITHOUT"}
+    environ["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "fake"),
+                                             os.environ.get("PYTHONPATH", "")])
+    environ.update(env)
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p",
+                           "no:cacheprovider", "tests/test_severity.py"], cwd=root, env=environ,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_test_run_without_a_framework_the_readme_installs_fails_instead_of_skipping(tmp_path):
+    refused = _pytest_with_broken_keras(tmp_path)
+    assert refused.returncode == pytest.ExitCode.USAGE_ERROR, refused.stdout + refused.stderr
+    assert "cannot import keras (ImportError: keras is broken here)" in refused.stderr
+    assert "GRADWATCH_TESTS_WITHOUT=keras" in refused.stderr
+    # Said on purpose, the run goes ahead (and these core tests pass without keras).
+    allowed = _pytest_with_broken_keras(tmp_path, GRADWATCH_TESTS_WITHOUT="keras")
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
-from conftest import UNHEALTHY, compiled, fit, mlp, to_numpy
+from conftest import BACKEND, UNHEALTHY, compiled, fit, mlp, to_numpy
 
 import gradwatch
 
@@ -48,13 +49,28 @@ def test_relu_he_init_10_layers_stays_quiet_and_trains():
     assert not run.caught
 
 
-@pytest.mark.parametrize("lr", [pytest.param(10.0, id="lr-10"), pytest.param(50.0, id="lr-50")])
+# Found by the label check below: on the PyTorch backend at lr=50 a gradient of finite elements
+# (loss 9.3e29 at step 6; the loss and every weight stay finite to the end) is reported as
+# non-finite. The per-variable norm is taken, and squared, in float32: a norm beyond ~1.8e19
+# overflows to inf, which the non-finite detector reads as NaN/Inf in the gradient. Open.
+OVERFLOW = pytest.mark.xfail(BACKEND == "torch", strict=True,
+                             reason="a finite gradient whose float32 squared norm overflows is "
+                                    "reported as non-finite")
+
+
+@pytest.mark.parametrize("lr", [pytest.param(10.0, id="lr-10"),
+                                pytest.param(50.0, id="lr-50", marks=OVERFLOW)])
 def test_huge_learning_rate_is_reported_without_breaking_fit(lr):
     model = compiled(mlp(3, activation="relu", init="he_normal"), lr=lr)
     run = fit(model, epochs=4)
     assert len(run.history.history["loss"]) == 4  # fit ran to the end and returned normally
     assert run.kinds & {"nonfinite", "loss_divergence", "exploding_gradient"}, run.report
-    assert len([f for f in run.findings if f.kind == "nonfinite"]) <= 1  # one condition, no spam
+    # The label, from the run itself without gradwatch: did NaN/Inf reach the loss or weights?
+    went_nonfinite = (not all(math.isfinite(x) for x in run.history.history["loss"])
+                      or any(not np.isfinite(to_numpy(w)).all() for w in model.weights))
+    nonfinite = [f for f in run.findings if f.kind == "nonfinite"]
+    # Told once when it happened (one condition, no spam), never when it did not.
+    assert len(nonfinite) == (1 if went_nonfinite else 0), (went_nonfinite, run.report)
     assert run.report.internal_errors == ()
     assert run.report.steps == 4 * 16
 

@@ -19,20 +19,20 @@ def pytest_configure(config: pytest.Config) -> None:
     if hasattr(config, "workerinput"):  # an xdist worker: the controller has checked
         return
     allowed = {n.strip() for n in os.environ.get("GRADWATCH_TESTS_WITHOUT", "").split(",")}
-    missing = []
+    missing: dict[str, str] = {}
     for name in REQUIRED_FRAMEWORKS:
         if name in allowed:
             continue
         try:
             importlib.import_module(name)
         except Exception as exc:  # ImportError, or a broken install failing as it loads
-            missing.append(f"{name} ({type(exc).__name__}: {exc})")
+            missing[name] = f"{name} ({type(exc).__name__}: {exc})"
     if missing:
         raise pytest.UsageError(
-            f"cannot import {', '.join(missing)}: its tests would all be skipped. Install what "
-            f"the README's test command installs (pip install torch==2.13.0 -e \".[dev,keras]\"), "
-            f"or run without it on purpose: GRADWATCH_TESTS_WITHOUT="
-            f"{','.join(m.split(' ')[0] for m in missing)} python -m pytest")
+            f"cannot import {', '.join(missing.values())}: its tests would all be skipped. "
+            f"Install what the README's test command installs (pip install torch==2.13.0 -e "
+            f"\".[dev,keras]\"), or run without it on purpose: "
+            f"GRADWATCH_TESTS_WITHOUT={','.join(missing)} python -m pytest")
 
 #: Layer names of the toy model every core test watches, input side first.
 LAYERS = ("0", "1", "2")

@@ -264,8 +264,12 @@ class GradRecorder:
         return out
 
     def clear(self) -> None:
-        """Drop every tensor held (``remove()``)."""
+        """Drop every tensor held (``remove()``), the per-step history too: the report needs
+        none of it, and a removed watcher kept for its report must not hold device memory."""
         self._params = []
+        self.hist = torch.zeros((0, 0), dtype=torch.float32, device=self._device)
+        self._rows = []
+        self._had = []
         self.extra = self.dots = self.pre = None
         self.marks = self.stamp = self._read = None
         self._presence = None

@@ -25,12 +25,30 @@ BLOCK_MAX_NUMEL = 4096
 BLOCK_MIN_TENSORS = 8
 
 
-def foreach_norm32(tensors: Sequence[torch.Tensor], ord: float = 2,
+#: The largest finite float32: where a finite norm beyond float32's range is stored.
+F32_MAX = torch.finfo(torch.float32).max
+
+
+def narrow(norms: torch.Tensor) -> torch.Tensor:
+    """Norms summed in float64, as float32. A finite norm beyond float32's range (finite elements
+    around 1e19 and up: their squares overflow float32) saturates at :data:`F32_MAX`, a huge
+    number for the exploding-gradient detector; only NaN/Inf, which only non-finite elements
+    give, stay non-finite."""
+    if norms.dtype is torch.float32:
+        return norms
+    return torch.where(norms.isinf(), norms, norms.clamp(max=F32_MAX)).float()
+
+
+def foreach_norm64(tensors: Sequence[torch.Tensor], ord: float = 2,
                    wide: bool = False) -> list[torch.Tensor]:
-    """Per-tensor norms as float32 scalars; ``wide`` when some tensor is float64/complex."""
-    if wide:
-        return [n.float() for n in torch._foreach_norm(list(tensors), ord)]
-    return list(torch._foreach_norm(list(tensors), ord, dtype=torch.float32))
+    """Per-tensor norms as float64 scalars, summed in float64 so that a finite tensor never
+    reads as Inf (``torch._foreach_norm(..., dtype=float32)`` squares and sums in float32: 100
+    elements of 1e20 give Inf); ``wide`` when some tensor is float64/complex (they are taken in
+    their own precision: ``_foreach_norm`` will not narrow complex128). Pass them through
+    :func:`narrow` once stacked."""
+    if wide or ord == 0 or math.isinf(ord):  # counts and max |x| cannot overflow
+        return list(torch._foreach_norm(list(tensors), ord))
+    return list(torch._foreach_norm(list(tensors), ord, dtype=torch.float64))
 
 
 class Block(NamedTuple):
@@ -45,6 +63,12 @@ class Block(NamedTuple):
 def wide_float(x: torch.Tensor) -> torch.Tensor:
     """``x`` in the precision its sums are taken in: float64 stays, anything else is float32."""
     return x if x.dtype == torch.float64 else x.float()
+
+
+def sum_float(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the precision its sums of squares and products are taken in: float64, so that
+    finite elements never overflow (a block is a transient copy of small tensors: cheap)."""
+    return x.double()
 
 
 def _blockable(t: torch.Tensor) -> bool:
@@ -161,10 +185,9 @@ class ReducePlan:
         """L2 norms (or ``ord=0``: non-zero counts) of ``tensors`` ``[T]``, into ``out`` when
         given."""
         if not self.blocks:  # no block: one foreach call, as on CUDA
-            norms = foreach_norm32(tensors, ord, self.wide)
-            if out is not None and self.one_device:
-                return torch.stack(norms, out=out)
-            result = self._stack(norms) if norms else torch.zeros(0, device=self.device)
+            norms = foreach_norm64(tensors, ord, self.wide)
+            result = (narrow(self._stack(norms)) if norms
+                      else torch.zeros(0, device=self.device))
             return result if out is None else out.copy_(result)
         parts = []
         for b, x in zip(self.blocks, self.copies(tensors) if copies is None else copies):
@@ -172,12 +195,12 @@ class ReducePlan:
                 parts.append(torch.count_nonzero(x, dim=1) if b.lengths is None
                              else self.member_sum(b, (x != 0).float()))
             elif b.lengths is None:  # one kernel for the whole block
-                parts.append(torch.linalg.vector_norm(wide_float(x), dim=1))
+                parts.append(narrow(torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)))
             else:
-                parts.append(self.member_sum(b, wide_float(x).square()).sqrt())
+                parts.append(narrow(self.member_sum(b, sum_float(x).square()).sqrt()))
         if self.rest:
             rest = [tensors[i] for i in self.rest]
-            parts.append(self._stack(foreach_norm32(rest, ord, self.wide)))
+            parts.append(narrow(self._stack(foreach_norm64(rest, ord, self.wide))))
         return self.combine(parts, out)
 
     def max_abs(self, tensors: Sequence[torch.Tensor],
@@ -197,7 +220,7 @@ class ReducePlan:
                     gmax = torch.maximum(self._stack([a for a, _ in lo_hi]).float().abs(),
                                          self._stack([b for _, b in lo_hi]).float().abs())
                 else:
-                    gmax = self._stack(foreach_norm32(values, math.inf, self.wide))
+                    gmax = self._stack(foreach_norm64(values, math.inf, self.wide)).float()
                 out.index_copy_(0, torch.tensor([k for k, _ in rest], device=self.device),
                                 gmax)
             parts.append(out)
@@ -210,7 +233,9 @@ class ReducePlan:
         tensor, another shape or dtype)."""
         copies_a = self.copies(a) if copies_a is None else copies_a
         copies_b = self.copies(b) if copies_b is None else copies_b
-        parts = [self.member_sum(blk, wide_float(x) * wide_float(y))
+        # Summed in float64, then narrowed by ``combine``: a dot beyond float32's range reads
+        # Inf, "unknown" to the core (a saturated dot would skew ||g||'s component along W).
+        parts = [self.member_sum(blk, sum_float(x) * sum_float(y))
                  for blk, x, y in zip(self.blocks, copies_a, copies_b)]
         if self.rest:
             keep, dots = [], []
@@ -218,6 +243,10 @@ class ReducePlan:
                 x, y = a[i], b[i]
                 if x.is_sparse or y.is_sparse or x.shape != y.shape or x.dtype != y.dtype:
                     continue
+                # In the tensor's own precision: a float64 copy of every tensor at each check
+                # costs more than it buys. A dot that overflows there (a finite gradient of
+                # 1e20 against weights of 1e19) reads Inf, which the core takes as "unknown"
+                # (the norm is kept whole), never as a non-finite gradient.
                 dots.append(torch.dot(x.reshape(-1), y.reshape(-1)))
                 keep.append(k)
             values = self._stack(dots).float() if dots else None

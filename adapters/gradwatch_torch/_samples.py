@@ -20,7 +20,7 @@ import torch
 
 from gradwatch import kit
 
-from ._reduce import ReducePlan, foreach_norm32, wide_float
+from ._reduce import ReducePlan, foreach_norm64, narrow, sum_float
 
 Sample = torch.Tensor | list[torch.Tensor]
 """Every tensor's sample: one flat vector, in the plan's block order (sampled), or one tensor
@@ -106,10 +106,11 @@ class UpdateSamples:
     def _norms(self, sample: Sample) -> torch.Tensor:
         if isinstance(sample, torch.Tensor):
             # unsafe: the lengths are right by construction (no check, no sync)
-            sums = torch.segment_reduce(wide_float(sample).square(), "sum",
+            # float64: a sample is ~2% of the weights, and finite weights must not read as Inf
+            sums = torch.segment_reduce(sum_float(sample).square(), "sum",
                                         lengths=self._lengths, unsafe=True)
-            return self._plan.reorder(sums.sqrt())
-        return self._stacked(foreach_norm32(sample, 2, self._plan.wide))
+            return self._plan.reorder(narrow(sums.sqrt()))
+        return narrow(self._stacked(foreach_norm64(sample, 2, self._plan.wide)))
 
     def _diff_norms(self, a: Sample, b: Sample, in_place: bool = False) -> torch.Tensor:
         """||a - b|| per tensor; ``in_place`` overwrites ``a`` (no third copy)."""
@@ -120,7 +121,9 @@ class UpdateSamples:
             torch._foreach_sub_(a, b)
             return self._norms(a)
         # One tensor at a time: the transient is the largest tensor, not a copy of the model.
-        return self._stacked([torch.linalg.vector_norm(x - y).float() for x, y in zip(a, b)])
+        return narrow(self._stacked([torch.linalg.vector_norm(x - y, dtype=torch.float64)
+                                     if x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                                     else torch.linalg.vector_norm(x - y) for x, y in zip(a, b)]))
 
     def snapshot(self, weights: Sequence[torch.Tensor]) -> None:
         """Just before the optimizer step of a check: the weights the update starts from."""

@@ -15,7 +15,7 @@ import numpy as np
 from keras import ops
 
 from ._activations import Probe, activation_value
-from ._ops import f32, tf_dot
+from ._ops import f32, norm32, tf_dot
 from ._plan import StepPlan
 
 
@@ -63,11 +63,11 @@ def reachable(t: Any) -> bool:
 class GraphRead(NamedTuple):
     """One read of the state variable, in host memory, by block."""
 
-    #: The ring buffer ``[window, V + 2]``: half squared gradient norms, loss, step id.
+    #: The ring buffer ``[window, V + 2]``: gradient L2 norms, loss, step id.
     rows: np.ndarray
-    #: Max |g|, g . W and half ||W||^2 (before the update) per variable ``[3 V]``.
+    #: Max |g|, g . W and ||W|| (before the update) per variable ``[3 V]``.
     grads: np.ndarray
-    #: Half squared norms: weights, sampled update, sampled update base, sampled change; then the
+    #: L2 norms: weights, sampled update, sampled update base, sampled change; then the
     #: step id ``[4 V + 1]``.
     weights: np.ndarray
     #: One value per activation site, then the step id ``[sites + 1]``.
@@ -204,7 +204,7 @@ class GraphRecorder:
         nan = tf.constant(np.nan, tf.float32)
         if grads is not None:
             self.present = np.isin(np.arange(V), list(grads))
-            row = [tf.nn.l2_loss(f32(grads[i])) if i in grads else nan for i in range(V)]
+            row = [norm32(grads[i]) if i in grads else nan for i in range(V)]
         else:
             row = [zero] * V
         loss = self.losses.pop(rid, None)
@@ -227,7 +227,7 @@ class GraphRecorder:
                         for i in range(V)]
                 dots = [tf_dot(grads[i], self._vars[i], rows.get(i)) if i in grads else nan
                         for i in range(V)]
-                wsq = [tf.nn.l2_loss(f32(w)) for w in self._vars]  # (not yet updated)
+                wsq = [norm32(w) for w in self._vars]  # (not yet updated)
                 state.write("grads", rid, tf.stack(gmax + dots + wsq))
             if acts:
                 self._gated(step, self._act_every, lambda: self._write_acts(acts, step, rid))
@@ -297,17 +297,17 @@ class GraphRecorder:
         self.state.write("acts", rid, tf.stack(values + [stamp]))
 
     def _weight_stats(self, before: list[Any] | None, step: Any) -> Any:
-        """Half squared norms per variable: weights, sampled update, sampled change since the
+        """L2 norms per variable: weights, sampled update, sampled change since the
         start; then the step id."""
         import tensorflow as tf
 
         ws = [ops.convert_to_tensor(w) for w in self._vars]
-        parts = [tf.stack([tf.nn.l2_loss(f32(w)) for w in ws])]
+        parts = [tf.stack([norm32(w) for w in ws])]
         if before is not None:
             now = self._samples.take(ws)
-            parts += [tf.stack([tf.nn.l2_loss(a - b) for a, b in zip(now, before)]),
-                      tf.stack([tf.nn.l2_loss(b) for b in before]),
-                      tf.stack([tf.nn.l2_loss(a - b) for a, b in zip(now, self._samples.start)])]
+            parts += [tf.stack([norm32(a - b) for a, b in zip(now, before)]),
+                      tf.stack([norm32(b) for b in before]),
+                      tf.stack([norm32(a - b) for a, b in zip(now, self._samples.start)])]
         else:
             parts.append(tf.fill((3 * len(ws),), np.float32(np.nan)))
         return tf.concat(parts + [tf.reshape(tf.cast(step, tf.float32), (1,))], 0)

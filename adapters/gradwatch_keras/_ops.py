@@ -33,6 +33,24 @@ def f32(t: Any) -> Any:
     return t if t.dtype == tf.float32 else tf.cast(t, tf.float32)
 
 
+#: The largest float32: a finite sum of squares beyond it is stored as this, not as inf.
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def norm32(t: Any) -> Any:
+    """The L2 norm of ``t``, a float32 scalar; graph mode and eager TensorFlow.
+
+    The squares are summed in float64: in float32 they overflow from a norm of ~1.8e19 on, and a
+    gradient of finite entries would read as non-finite. A finite norm beyond float32 is stored
+    as :data:`F32_MAX` (still huge); a NaN/Inf entry still gives NaN/Inf. (The norm, not its
+    square, is what is stored: the host squares it in float64.)
+    """
+    import tensorflow as tf
+
+    n = tf.sqrt(tf.reduce_sum(tf.square(tf.cast(tf.convert_to_tensor(t), tf.float64))))
+    return tf.cast(tf.where(tf.math.is_finite(n), tf.minimum(n, F32_MAX), n), tf.float32)
+
+
 def dense(g: Any) -> tuple[Any, Any]:
     """The gradient's entries and, for a sparse gradient, the variable rows they belong to
     (None for a dense one)."""
@@ -78,8 +96,12 @@ class KerasOps:
     def norms(self, tensors: list[Any]) -> Any:
         """L2 norm of each tensor, one float32 vector (on PyTorch optionally written ``out=``
         a vector of the right length)."""
-        return ops.stack([ops.sqrt(ops.sum(ops.square(ops.cast(t, "float32"))))
-                          for t in tensors])
+        # Summed in float64 (see norm32); a finite norm beyond float32 is stored as F32_MAX.
+        # (JAX without x64 has no float64: there the sum stays float32 and may overflow.)
+        wide = "float64" if keras.backend.backend() == "tensorflow" else "float32"
+        n = ops.stack([ops.sqrt(ops.sum(ops.square(ops.cast(t, wide)))) for t in tensors])
+        n = ops.where(ops.isfinite(n), ops.minimum(n, F32_MAX), n)
+        return ops.cast(n, "float32")
 
     def max_abs(self, tensors: list[Any]) -> Any:
         return ops.stack([ops.max(ops.abs(ops.cast(t, "float32"))) for t in tensors])
@@ -191,17 +213,15 @@ class TorchOps(KerasOps):
     def norms(self, tensors: list[Any], out: Any = None) -> Any:
         torch = self._torch
         ts = [self.tensor(t) for t in tensors]
-        if not self._float64:
-            return torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32), out=out)
-        # _foreach_norm's dtype may only widen: float64 tensors are measured in float64.
-        wide = [i for i, t in enumerate(ts) if t.dtype == torch.float64]
-        narrow = [i for i, t in enumerate(ts) if t.dtype != torch.float64]
-        norms: list[Any] = [None] * len(ts)
-        for idx, kw in ((wide, {}), (narrow, {"dtype": torch.float32})):
-            if idx:
-                for i, n in zip(idx, torch._foreach_norm([ts[i] for i in idx], 2, **kw)):
-                    norms[i] = n.float()
-        return torch.stack(norms, out=out)
+        # Summed in float64: in float32 the squares of a finite gradient overflow from a norm of
+        # ~1.8e19 on and it would read as non-finite. A finite norm beyond float32 is stored as
+        # F32_MAX (still huge for the exploding detector); NaN/Inf entries still give NaN/Inf.
+        n = torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float64)) if ts else \
+            torch.zeros(0, dtype=torch.float64)
+        n = torch.where(n.isfinite(), n.clamp(max=F32_MAX), n)
+        if out is None:
+            return n.float()
+        return out.copy_(n)
 
     def max_abs(self, tensors: list[Any]) -> Any:
         torch = self._torch

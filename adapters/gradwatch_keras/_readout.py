@@ -108,11 +108,12 @@ def graph_record(read: GraphRead, cursor: Cursor, settings: RecordSettings, *,
     if n is not None:
         slots, steps = slots[:n], steps[:n]
         gmax, dot, wsq = read.grads.reshape(3, V)
-        w = read.weights[:4 * V].reshape(4, V) * 2  # (tf.nn.l2_loss is half the squared norm)
-        check = _check_numbers(gmax, dot, 2 * wsq, w if sampled else w[:1])
+        # Norms are stored (float32); squared here in float64, where a huge norm cannot overflow.
+        w = np.asarray(read.weights[:4 * V], float).reshape(4, V) ** 2
+        check = _check_numbers(gmax, dot, np.asarray(wsq, float) ** 2, w if sampled else w[:1])
     rows = read.rows[slots]
     S = len(settings.sites)
-    return settings.record(cursor, steps, 2 * rows[:, :V], np.tile(present, (len(slots), 1)),
+    return settings.record(cursor, steps, np.asarray(rows[:, :V], float) ** 2, np.tile(present, (len(slots), 1)),
                            rows[:, V], np.full(len(slots), has_loss), check,
                            (read.acts[S], read.acts[:S] / replicas) if S else None)
 

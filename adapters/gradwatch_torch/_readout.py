@@ -76,6 +76,10 @@ class StepWindow:
         self._pending = []
         self.loss = [None] * self.size
 
+    def drop_pending(self) -> None:
+        """Forget the losses observed in a step that never completed (the GradScaler skipped it)."""
+        self._pending = []
+
     def reset(self) -> None:
         """After a check: a new window."""
         self.steps = []

@@ -98,6 +98,9 @@ class TorchWatcher:
         self._removed = False
         self._step = 0  # completed optimizer steps
         self._clipping_seen = False
+        #: (the scaler's scale tensor, its in-place version expected next) after the last
+        #: optimizer step: a later version means ``scaler.update()`` ran with no step (skipped).
+        self._scale_seen: tuple[int, int] | None = None
         self._residual_graph: bool | None = None
         self._window = StepWindow(self.monitor.check_every)
         self._rescan = RescanSchedule(optimizer)
@@ -143,9 +146,23 @@ class TorchWatcher:
                 self._window.inv_scale[slot] = LossScale.inverse(self._scale.known())
             self._commit()
 
+    def _drop_skipped(self) -> None:
+        """Losses observed in a step the GradScaler skipped (``scaler.step`` found inf/NaN and
+        did not run the optimizer, then ``scaler.update()`` lowered the scale) are not the
+        next step's: dropped. Seen from the scale tensor's in-place version counter (no sync):
+        each ``update()`` bumps it once, after the step's post-step hook."""
+        scale = getattr(self._scale.known(), "_scale", None)
+        if not isinstance(scale, torch.Tensor):
+            return
+        seen = self._scale_seen
+        if seen is not None and seen[0] == id(scale) and scale._version > seen[1]:
+            self._window.drop_pending()
+        self._scale_seen = (id(scale), scale._version)
+
     def _on_pre_step(self) -> None:
         slot = self._step % self._window.size
         scaler = self._scale.find()
+        self._drop_skipped()
         self._window.inv_scale[slot] = LossScale.inverse(scaler)
         recorder = self._tensors.recorder
         if (not recorder.seen and self._trigger.mode == BackwardTrigger.OUTPUT
@@ -172,6 +189,10 @@ class TorchWatcher:
         if self._tensors.recorder.clipped(self._window.inv_scale[slot] is not None):
             self._clipping_seen = True
         self._commit()
+        scale = getattr(self._scale.known(), "_scale", None)
+        if isinstance(scale, torch.Tensor):
+            # the scaler.update() that follows this step bumps the version once
+            self._scale_seen = (id(scale), scale._version + 1)
 
     def _on_residual(self, found: bool) -> None:
         """The first forward pass has shown whether the model has skip connections."""
@@ -182,8 +203,11 @@ class TorchWatcher:
         """Record the loss of the step in progress (a tensor or a float); never syncs.
 
         Call it before ``optimizer.step()`` (without an optimizer: before ``backward()``).
-        Several calls in one step (micro-batches) are averaged.
+        Several calls in one step (micro-batches) are averaged. The losses of a step that the
+        GradScaler skipped are dropped, not averaged into the next step's.
         """
+        if self._opt_ref is not None:
+            self._drop_skipped()
         self._window.observe(loss)
 
     def _commit(self) -> None:

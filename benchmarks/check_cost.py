@@ -34,11 +34,17 @@ def per_call_us(fn, calls: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line, built without running anything (tests/test_docs.py checks the
+    commands the docs quote against it)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--repeats", type=int, default=5)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     torch.set_num_threads(1)
     cfg = bench.build(bench.GradWatchDefault, bench.mlp, torch.device("cpu"), "/tmp")
     monitor = cfg.watcher.monitor

@@ -138,7 +138,9 @@ def _machine() -> dict:
             "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
+    """The command line, built without running anything (tests/test_docs.py checks the
+    commands the docs quote against it)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 2 rounds of 16 steps, well under a minute for both backends")
@@ -151,7 +153,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--backends", default="tensorflow,torch")
     p.add_argument("--json", help="write results here")
     p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
     if args.quick:
         args.rounds, args.steps, args.warmup = 2, 16, 6
     if args._child:

@@ -650,7 +650,9 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parser() -> argparse.ArgumentParser:
+    """The command line, built without running anything (tests/test_docs.py checks the
+    commands the docs quote against it)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
                    help="smoke run: gradwatch, floor and naive configs only, batch of 4, few "
@@ -668,6 +670,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="time rounds by the wall clock, or by this process's CPU time (on a "
                         "machine others are using)")
     p.add_argument("--out", help="directory for results.json, results.md and scaling.png")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = parser()
     args = p.parse_args(argv)
     if args.quick:
         global _batch_limit

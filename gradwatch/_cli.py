@@ -275,12 +275,11 @@ def _add_run_options(p: argparse.ArgumentParser, frameworks: Sequence[str]) -> N
                    help="print each run's gradwatch report (findings with advice)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser(frameworks: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The ``gradwatch`` argument parser; ``frameworks`` only fill in the help text (parsing
+    it imports no framework and runs nothing, so the docs' commands are checked against it)."""
     from gradwatch import __version__
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    runners = experiment_runners()  # the plugins' frameworks; none is imported
-    frameworks = list(runners)
     parser = argparse.ArgumentParser(prog="gradwatch", description=(
         "Watches neural-network training for vanishing/exploding gradients, loss plateaus and "
         "divergence, stalled updates, dead and saturated units."))
@@ -309,7 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--out", default="gradwatch-report", metavar="DIR",
                         help="where the plots and summary.md go (default: ./gradwatch-report/)")
     report.set_defaults(func=_report)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    runners = experiment_runners()  # the plugins' frameworks; none is imported
+    parser = build_parser(list(runners))
     args = parser.parse_args(argv)
     args.argv = argv
     args.runners = runners

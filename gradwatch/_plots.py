@@ -37,7 +37,21 @@ def _label(text: object, limit: int = 40) -> str:
 
 def plot_run(run: RunLog, path: str | os.PathLike, *, title: str | None = None,
              subtitle: str | None = None) -> str:
-    """Draw ``run`` into a PNG at ``path`` and return the path.
+    """Draw ``run`` into a PNG at ``path`` (1350 x 432 pixels) and return the path; the
+    figure is :func:`draw_run`'s."""
+    fig = draw_run(run, title=title, subtitle=subtitle)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+#: Size of the saved plot: inches, and dots per inch.
+FIGSIZE, DPI = (15, 4.8), 90
+
+
+def draw_run(run: RunLog, *, title: str | None = None, subtitle: str | None = None):
+    """The figure of ``run`` (a matplotlib ``Figure``, not saved).
 
     Three panels: the gradient L2 norm of every layer at each check (log scale; lines from dark,
     input side, to light, output side), the loss at every step with each finding marked where
@@ -45,7 +59,7 @@ def plot_run(run: RunLog, path: str | os.PathLike, *, title: str | None = None,
     """
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
-    fig = Figure(figsize=(15, 4.8), layout="constrained")
+    fig = Figure(figsize=FIGSIZE, layout="constrained")
     grid = fig.add_gridspec(1, 3, width_ratios=[1.25, 1.25, 0.8])
     ax_g, ax_l, ax_w = (fig.add_subplot(grid[0, i]) for i in range(3))
     _gradient_flow(ax_g, run)
@@ -55,10 +69,7 @@ def plot_run(run: RunLog, path: str | os.PathLike, *, title: str | None = None,
     if subtitle:
         head += "\n" + _label(subtitle, 160)
     fig.suptitle(head, fontsize=11)
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=90)
-    return path
+    return fig
 
 
 def _gradient_flow(ax, run: RunLog) -> None:

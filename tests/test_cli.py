@@ -47,6 +47,46 @@ def test_report_renders_plots_and_a_summary_from_any_event_file(tmp_path, capsys
     assert "<img" not in summary and "&lt;img src=x onerror=alert(1)&gt;" in summary
 
 
+def test_the_report_plot_shows_the_runs_layers_loss_findings_and_weight_change(tmp_path,
+                                                                                capsys):
+    # The picture the docs describe, checked against the event file it is drawn from.
+    import matplotlib.image
+    import numpy as np
+
+    from gradwatch._events import read_runs
+    from gradwatch._plots import DPI, FIGSIZE, draw_run
+
+    path = write_run(tmp_path / "run.jsonl", layers=("fc0", "fc1", "out"), name="three")
+    assert _cli.main(["report", str(path), "--out", str(tmp_path / "r")]) == 0
+    capsys.readouterr()
+    image = matplotlib.image.imread(tmp_path / "r" / "run.png")  # a PNG that decodes
+    assert image.shape == (FIGSIZE[1] * DPI, FIGSIZE[0] * DPI, 4) == (432, 1350, 4)
+    assert image[..., :3].std() > 0.05  # not blank
+
+    [run] = read_runs(path)
+    fig = draw_run(run)
+    grads, loss, change = fig.axes
+    assert fig.get_suptitle() == "three (test)"
+    # One line per layer, input side first, through its gradient norm at every check.
+    assert [line.get_label() for line in grads.lines] == ["fc0", "fc1", "out"]
+    assert [h.get_text() for h in grads.get_legend().get_texts()] == ["fc0", "fc1", "out"]
+    for i, line in enumerate(grads.lines):
+        assert line.get_xdata().tolist() == [10, 20, 30, 40]
+        np.testing.assert_allclose(line.get_ydata(), run.grad_norm[:, i])
+    assert grads.get_yscale() == "log"
+    # The loss at every step it was logged, and the finding marked where it started.
+    [curve, marker] = loss.lines
+    assert curve.get_xdata().tolist() == run.loss_steps.tolist() == [10, 20, 30, 40]
+    np.testing.assert_allclose(curve.get_ydata(), [1, 1 / 2, 1 / 3, 1 / 4])
+    assert marker.get_xdata()[0] == 20
+    assert [t.get_text() for t in loss.texts] == [" vanishing fc0"]
+    # A bar per layer, as long as its weight change in percent, labelled with its name.
+    assert [t.get_text() for t in change.get_yticklabels()] == ["fc0", "fc1", "out"]
+    widths = {round(p.get_y() + p.get_height() / 2): p.get_width() for p in change.patches}
+    assert [widths[y] for y in (2, 1, 0)] == pytest.approx([1e-6, 4.0, 10.0])  # 0 % at the floor
+    assert [t.get_text() for t in change.texts] == ["0%", "4%", "10%"]
+
+
 def test_report_plots_each_run_of_an_appended_file(tmp_path, capsys):
     events = tmp_path / "runs.jsonl"
     write_run(events, name="a")
@@ -87,6 +127,18 @@ def test_version_is_printed(capsys):
         _cli.main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip() == f"gradwatch {gradwatch.__version__}"
+
+
+def test_the_installed_command_prints_the_installed_version():
+    # What a user types, through the console script pip wrote: the version it prints is the
+    # package's and the one pip recorded (a stale egg-info or a second copy would differ).
+    from importlib.metadata import version
+
+    script = os.path.join(os.path.dirname(sys.executable), "gradwatch")
+    done = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"gradwatch {gradwatch.__version__}\n"
+    assert version("gradwatch") == gradwatch.__version__
 
 
 def test_demo_runs_one_experiment_and_writes_results(tmp_path, capsys):
@@ -134,7 +186,45 @@ def test_experiments_run_can_watch_with_both_settings(tmp_path, capsys):
                                            "events/dying-relu-torch-exact.jsonl"]
 
 
+def test_experiments_run_takes_a_group_and_prints_each_report(tmp_path, capsys):
+    pytest.importorskip("torch")
+    # A group name runs its experiments in table order (the two fastest torch runs).
+    group = ["dying-relu", "dying-relu-leaky-0.3"]
+    assert [e.name for e in ex.select(["dying"])] == group
+    code = _cli.main(["experiments", "run", "dying", "--framework", "torch",
+                      "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert printed.count("findings:") == len(group)  # one report per run, unasked (-v is on)
+    for i, name in enumerate(group, 1):
+        assert f"[{i:>2}/{len(group)}] {name:<24} torch       default ... PASS" in printed
+    assert printed.rstrip().endswith(f"All {len(group)} runs met their expected verdict.")
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [r["experiment"] for r in runs] == group
+
+
+@pytest.mark.parametrize("argv, message", [
+    pytest.param(["experiments", "run"], "the following arguments are required: NAME",
+                 id="no-name"),
+    pytest.param(["experiments", "run", "deep-sigmoid", "--settings", "fast"],
+                 "invalid choice: 'fast'", id="unknown-settings"),
+])
+def test_experiments_run_usage_errors_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _cli.main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_experiments_run_of_an_unknown_name_exits_2_naming_the_known_ones(tmp_path, capsys):
+    assert _cli.main(["experiments", "run", "deep-sigmod", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "'deep-sigmod'" in err and "deep-sigmoid" in err
+    assert not (tmp_path / "results.json").exists()
+
+
 def test_demo_runs_keras(tmp_path, capsys):
+    # `gradwatch demo --framework keras` runs all 15 experiments: 116 s on TensorFlow on a
+    # shared 2-core machine, too long for the suite. One experiment takes the same path.
     pytest.importorskip("keras")
     code = _cli.main(["demo", "--only", "dying-relu-leaky-0.3", "--framework", "keras",
                       "--out", str(tmp_path)])
@@ -145,6 +235,17 @@ def test_demo_runs_keras(tmp_path, capsys):
     assert r["label"] == ("keras/tf" if r["backend"] == "tensorflow" else f"keras/{r['backend']}")
     assert r["steps_seen"] == r["batches"] == r["steps"]  # no step lost to async dispatch
     assert r["versions"].startswith("keras ")
+    # What the user reads: the framework loaded, one progress line, the table row, the verdict.
+    lines = printed.splitlines()
+    assert lines[0].startswith("gradwatch reference experiments: 1 experiment(s) x 1 "
+                               "framework(s) (keras) x 1 settings (default)")
+    assert "loading keras ..." in lines and "loading torch ..." not in lines
+    assert f"[ 1/1] dying-relu-leaky-0.3     {r['label']:<11} default ... PASS" in printed
+    [row] = [line for line in lines if line.startswith("dying-relu-leaky-0.3 ")]
+    assert row.split()[1:5] == [r["label"], "default", "healthy", "none"]
+    assert row.split()[-1] == "PASS" and "findings:" not in printed  # the demo is not -v
+    assert lines[-1] == "All 1 runs met their expected verdict."
+    assert is_png(tmp_path / r["plot"])
 
 
 def test_an_unknown_framework_is_named_with_the_available_ones(tmp_path, capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -19,7 +20,8 @@ from hypothesis import strategies as st
 
 import gradwatch
 from gradwatch._events import EventFileError, read_events, read_runs
-from gradwatch._results import layer_table, run_summary_markdown, run_summary_text
+from gradwatch._report import plain
+from gradwatch._results import layer_table, md, run_summary_markdown, run_summary_text
 
 FUZZ = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -112,11 +114,68 @@ def test_the_core_on_arbitrary_statistics_never_fails_and_reports_strict_json(da
         assert f.kind in gradwatch.KINDS
         assert f.layer is None or f.layer in layers or f.layer in sites
     strict_json(report.summary())
-    str(report)
+    assert_report_renders(str(report), report, layers, stream)
     # The event file says what the monitor said.
     assert [(f.kind, f.step, f.layer) for f in run.findings] == [
         (f.kind, f.step, f.layer) for f in mon.findings]
     assert run.ended and run.check_steps.tolist() == [s.step for s in stream]
+
+
+NUMBER = r"-|-?inf|-?\d\.\d\de[+-]\d+"  # _num: NaN and absent as "-", inf as inf
+
+
+def columns(table: list[str]) -> list[list[str]]:
+    """The cells of a rendered table (header, dashes, rows), cut at the dashes' columns."""
+    spans = [m.span() for m in re.finditer(r"-+", table[1])]
+    return [[line[a:(spans[k + 1][0] if k + 1 < len(spans) else None)].strip()
+             for k, (a, _) in enumerate(spans)] for line in table]
+
+
+def assert_report_renders(text: str, report, layers, stream) -> None:
+    """What a reader of ``print(w.report())`` relies on, from the statistics themselves."""
+    lines = text.split("\n")
+    # Nothing from the model's strings can move the terminal or break a line.
+    assert all(c.isprintable() for line in lines for c in line)
+    warnings = [f for f in report.findings if f.is_warning]
+    assert lines[0] == (f"gradwatch report (fuzz): {report.steps} optimizer steps, "
+                        f"{report.checks} checks, {len(warnings)} warnings, "
+                        f"{len(report.findings) - len(warnings)} info")
+    assert report.checks == len(stream) and report.steps == stream[-1].step
+    # One row per layer, in the model's order, with its name; numbers finite or as documented.
+    start = lines.index("") + 1
+    table = lines[start:start + 2 + len(layers)]
+    assert table[0].split() == ["layer", "type", "params", "grad", "norm", "typical",
+                                "update/w", "w", "change", "flags"]
+    cells = columns(table)[2:]
+    assert [row[0] for row in cells] == [plain(n).strip() for n in layers]  # cells are stripped
+    assert lines[start + 2 + len(layers)] == ""
+    for i, row in enumerate(cells):
+        # The gradient norm at the last check that measured this layer, read off the stream.
+        last = next((st.grad_norm[-1, i] for st in reversed(stream) if st.has_grad[-1, i]),
+                    NAN)
+        for cell in row[3:6]:
+            assert re.fullmatch(NUMBER, cell), row
+        assert re.fullmatch(NUMBER.replace("|-?inf|", "|-?inf%|") + "|-?[\\d.e+-]+%", row[6]), row
+        if math.isnan(last):
+            assert row[3] == "-"
+        else:
+            # Three significant digits (1.80e+308 for the largest float does not parse back).
+            assert row[3] == f"{last:.2e}", (row, last)
+        # Every warning that names the layer flags it; a clean layer says ok.
+        named = {f.kind for f in warnings if f.layer == layers[i]}
+        flags = set(row[7].split(",")) - {"ok"}
+        assert named <= flags and (row[7] == "ok") == (not flags)
+    # Every finding, in order, with its kind, message and advice.
+    if not report.findings:
+        assert "findings: none" in lines
+        return
+    listed = lines[lines.index("findings:") + 1:]
+    for f in report.findings:
+        tag = f.kind if f.is_warning else f"{f.kind}, info"
+        head = listed.index(f"- [{tag}] {plain(f.message)}")
+        assert listed[head + 1:head + 1 + len(f.advice)] == [f"    * {plain(a)}"
+                                                             for a in f.advice]
+        listed = listed[head + 1 + len(f.advice):]
 
 
 # -- the reader -------------------------------------------------------------------------------
@@ -199,6 +258,14 @@ def test_the_reader_on_arbitrary_events_reads_or_names_the_line_and_reports_rend
     if isinstance(result, EventFileError):
         return
     for run in result:  # what `gradwatch report` prints and writes for a file that reads
-        layer_table(run)
-        run_summary_text(run)
-        run_summary_markdown(run, "plot.png")
+        rows = layer_table(run)
+        text = run_summary_text(run)
+        markdown = run_summary_markdown(run, "plot.png")
+        assert [r["layer"] for r in rows] == list(run.layers)
+        assert all(c.isprintable() for line in text.split("\n") for c in line)
+        assert f"{run.check_steps.size} checks, {len(run.findings)} findings" in text
+        for f in run.findings:  # each finding listed, by its kind, in text and Markdown
+            assert f"- [{plain(f.kind)}] {plain(f.message)}" in text.split("\n")
+            assert md(f.kind) in markdown
+        for name in run.layers:
+            assert md(name) in markdown

@@ -97,7 +97,9 @@ def _evidence(r: sc.ScenarioResult) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line, built without running anything (tests/test_docs.py checks the
+    commands the docs quote against it)."""
     names = [s.name for s in sc.SCENARIOS]
     p = argparse.ArgumentParser(prog="python -m benchmarks.field.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], metavar="SEED")
     p.add_argument("--truth", action="store_true", help="print the raw evidence of each run")
     p.add_argument("--out", default="gradwatch-field", help="directory for results.json")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = [s.name for s in sc.SCENARIOS]
+    p = parser()
     args = p.parse_args(argv)
     if args.only:
         unknown = [n for n in args.only if n not in names]

@@ -134,7 +134,9 @@ def results_json(runs: Sequence[fm.RunResult], seconds: dict[str, float],
     })
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line, built without running anything (tests/test_docs.py checks the
+    commands the docs quote against it)."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks.seeded.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--framework", choices=FRAMEWORKS + ("all",), default="all")
@@ -146,6 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--families", nargs="+", metavar="F", help=f"only these: {list(fm.FAMILY)}")
     ap.add_argument("--variants", nargs="+", metavar="V", help="only these variants")
     ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path("seeded-results"))
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     seeds = args.seeds[:1] if args.quick else args.seeds
     try:

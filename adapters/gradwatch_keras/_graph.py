@@ -15,31 +15,8 @@ import numpy as np
 from keras import ops
 
 from ._activations import Probe, activation_value
-from ._ops import f32, norm32, tf_dot
+from ._ops import cond, f32, norm32, norms32, tf_dot
 from ._plan import StepPlan
-
-
-def cond(pred: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
-    """``tf.cond`` kept as one functional ``If`` op.
-
-    Inside a tf.function TensorFlow lowers an ``If`` to Switch/Merge nodes: one Switch per
-    captured tensor (every gradient and variable here) and every node of both branches, which
-    the executor then schedules on every step although the check branch runs on one in
-    ``check_every``. Kept functional, an untaken check costs one call of the other branch.
-    (Under XLA nothing is lowered anyway.)
-    """
-    import tensorflow as tf
-
-    out = tf.cond(pred, true_fn, false_fn)
-    op = out.op.inputs[0].op if out.op.type == "Identity" and out.op.inputs else out.op
-    if op.type in ("If", "StatelessIf"):
-        try:
-            from tensorflow.core.framework import attr_value_pb2
-
-            op._set_attr("_lower_using_switch_merge", attr_value_pb2.AttrValue(b=False))
-        except Exception:  # pragma: no cover - another TensorFlow: lowered, as by default
-            pass
-    return out
 
 
 def current_graph() -> Any:
@@ -204,17 +181,22 @@ class GraphRecorder:
         nan = tf.constant(np.nan, tf.float32)
         if grads is not None:
             self.present = np.isin(np.arange(V), list(grads))
-            row = [norm32(grads[i]) if i in grads else nan for i in range(V)]
+            idx = [i for i in range(V) if i in grads]
+            norms = norms32([grads[i] for i in idx])
+            if len(idx) < V:  # NaN for a variable without a gradient this step
+                norms = tf.tensor_scatter_nd_update(tf.fill((V,), nan),
+                                                    np.array(idx, np.int32)[:, None], norms)
         else:
-            row = [zero] * V
+            norms = tf.zeros((V,), tf.float32)
         loss = self.losses.pop(rid, None)
         if loss is not None and reachable(loss):
             self.has_loss = True
-            row.append(f32(loss) if not len(loss.shape) else tf.reduce_mean(f32(loss)))
+            tail = [f32(loss) if not len(loss.shape) else tf.reduce_mean(f32(loss))]
         else:
-            row.append(nan)
-        row.append(tf.cast(step, tf.float32) if grads is not None else zero)
-        state.write_row(rid, tf.math.floormod(it, state.window), tf.stack(row))
+            tail = [nan]
+        tail.append(tf.cast(step, tf.float32) if grads is not None else zero)
+        state.write_row(rid, tf.math.floormod(it, state.window),
+                        tf.concat([norms, tf.stack(tail)], 0))
 
         acts = {i: yp for i, yp in self._activations.take_traced(rid).items()
                 if reachable(yp[0])}

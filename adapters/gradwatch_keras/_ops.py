@@ -9,6 +9,7 @@ preallocated tensor, written in place).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -33,6 +34,31 @@ def f32(t: Any) -> Any:
     return t if t.dtype == tf.float32 else tf.cast(t, tf.float32)
 
 
+def cond(pred: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
+    """``tf.cond`` kept as one functional ``If`` op.
+
+    Inside a tf.function TensorFlow lowers an ``If`` to Switch/Merge nodes: one Switch per
+    captured tensor (every gradient and variable here) and every node of both branches, which
+    the executor then schedules on every step although the check branch runs on one in
+    ``check_every``. Kept functional, an untaken check costs one call of the other branch.
+    (Under XLA nothing is lowered anyway.)
+    """
+    import tensorflow as tf
+
+    out = tf.cond(pred, true_fn, false_fn)
+    if tf.executing_eagerly():  # eager: one branch ran, nothing to keep
+        return out
+    op = out.op.inputs[0].op if out.op.type == "Identity" and out.op.inputs else out.op
+    if op.type in ("If", "StatelessIf"):
+        try:
+            from tensorflow.core.framework import attr_value_pb2
+
+            op._set_attr("_lower_using_switch_merge", attr_value_pb2.AttrValue(b=False))
+        except Exception:  # pragma: no cover - another TensorFlow: lowered, as by default
+            pass
+    return out
+
+
 #: The largest float32: a finite sum of squares beyond it is stored as this, not as inf.
 F32_MAX = float(np.finfo(np.float32).max)
 
@@ -47,8 +73,21 @@ def norm32(t: Any) -> Any:
     """
     import tensorflow as tf
 
-    n = tf.sqrt(tf.reduce_sum(tf.square(tf.cast(tf.convert_to_tensor(t), tf.float64))))
+    n = tf.sqrt(2 * tf.nn.l2_loss(tf.cast(tf.convert_to_tensor(t), tf.float64)))
     return tf.cast(tf.where(tf.math.is_finite(n), tf.minimum(n, F32_MAX), n), tf.float32)
+
+
+def norms32(tensors: list[Any]) -> Any:
+    """The L2 norm of each tensor, one float32 vector, at float32 cost: one ``tf.nn.l2_loss``
+    per tensor, and only when one of those sums is not finite (it overflowed, or an entry is
+    NaN/Inf) the float64 :func:`norm32` of each, in the untaken-by-default branch of one cond.
+    Graph mode (the per-step ring-buffer row) and eager TensorFlow."""
+    import tensorflow as tf
+
+    half = tf.stack([tf.nn.l2_loss(f32(t)) for t in tensors])
+    return cond(tf.reduce_all(tf.math.is_finite(half)),
+                lambda: tf.sqrt(half) * np.float32(np.sqrt(2.0)),
+                lambda: tf.stack([norm32(t) for t in tensors]))
 
 
 def dense(g: Any) -> tuple[Any, Any]:
@@ -96,10 +135,10 @@ class KerasOps:
     def norms(self, tensors: list[Any]) -> Any:
         """L2 norm of each tensor, one float32 vector (on PyTorch optionally written ``out=``
         a vector of the right length)."""
-        # Summed in float64 (see norm32); a finite norm beyond float32 is stored as F32_MAX.
+        if keras.backend.backend() == "tensorflow":
+            return norms32(tensors)  # float64 only when a float32 sum overflowed
         # (JAX without x64 has no float64: there the sum stays float32 and may overflow.)
-        wide = "float64" if keras.backend.backend() == "tensorflow" else "float32"
-        n = ops.stack([ops.sqrt(ops.sum(ops.square(ops.cast(t, wide)))) for t in tensors])
+        n = ops.stack([ops.sqrt(ops.sum(ops.square(ops.cast(t, "float32")))) for t in tensors])
         n = ops.where(ops.isfinite(n), ops.minimum(n, F32_MAX), n)
         return ops.cast(n, "float32")
 

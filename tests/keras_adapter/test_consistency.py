@@ -139,8 +139,11 @@ def test_keras_and_torch_report_the_same_gradient_findings(setup, first, exact):
         # and see the same batches, so even which later layers cross a threshold agrees.
         assert keras_pairs == torch_pairs, f"keras:\n{k.report}\n\ntorch:\n{t.report()}"
     else:
-        assert set(found) == set(first_per_kind(torch_pairs)), (
-            f"keras:\n{k.report}\n\ntorch:\n{t.report()}")
+        # Past the first NaN the twins are different computations (here Keras' loss ends at
+        # 3e35, torch's went NaN and came back to 7.6): the warnings agree, the later facts
+        # (an info on the dead gradient after the blow-up) need not.
+        warned = [{f.kind for f in run if f.is_warning} for run in (k.findings, t.findings)]
+        assert warned[0] == warned[1], f"keras:\n{k.report}\n\ntorch:\n{t.report()}"
 
 
 #: Per-layer statistics both adapters report, each compared at every check of the first 10

@@ -113,7 +113,8 @@ def graph_record(read: GraphRead, cursor: Cursor, settings: RecordSettings, *,
         check = _check_numbers(gmax, dot, np.asarray(wsq, float) ** 2, w if sampled else w[:1])
     rows = read.rows[slots]
     S = len(settings.sites)
-    return settings.record(cursor, steps, np.asarray(rows[:, :V], float) ** 2, np.tile(present, (len(slots), 1)),
+    return settings.record(cursor, steps, np.asarray(rows[:, :V], float) ** 2,
+                           np.tile(present, (len(slots), 1)),
                            rows[:, V], np.full(len(slots), has_loss), check,
                            (read.acts[S], read.acts[:S] / replicas) if S else None)
 

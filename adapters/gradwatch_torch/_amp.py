@@ -67,6 +67,13 @@ class LossScale:
         """The scaler given or found so far, without looking for one."""
         return self._ref() if self._ref is not None else None
 
+    def updates(self) -> tuple[int, int] | None:
+        """Where the known scaler's scale stands: (its scale tensor's id, the tensor's in-place
+        version, which each ``scaler.update()`` bumps once), read without a sync; ``None``
+        without a scaler."""
+        scale = getattr(self.known(), "_scale", None)
+        return (id(scale), scale._version) if isinstance(scale, torch.Tensor) else None
+
     @staticmethod
     def inverse(scaler: Any) -> torch.Tensor | None:
         """1 / the scaler's current scale (a new tensor: the scaler updates its own in place

@@ -60,11 +60,6 @@ class Block(NamedTuple):
     lengths: torch.Tensor | None
 
 
-def wide_float(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in the precision its sums are taken in: float64 stays, anything else is float32."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
 def sum_float(x: torch.Tensor) -> torch.Tensor:
     """``x`` in the precision its sums of squares and products are taken in: float64, so that
     finite elements never overflow (a block is a transient copy of small tensors: cheap)."""

@@ -151,13 +151,13 @@ class TorchWatcher:
         did not run the optimizer, then ``scaler.update()`` lowered the scale) are not the
         next step's: dropped. Seen from the scale tensor's in-place version counter (no sync):
         each ``update()`` bumps it once, after the step's post-step hook."""
-        scale = getattr(self._scale.known(), "_scale", None)
-        if not isinstance(scale, torch.Tensor):
+        now = self._scale.updates()
+        if now is None:
             return
         seen = self._scale_seen
-        if seen is not None and seen[0] == id(scale) and scale._version > seen[1]:
+        if seen is not None and seen[0] == now[0] and now[1] > seen[1]:
             self._window.drop_pending()
-        self._scale_seen = (id(scale), scale._version)
+        self._scale_seen = now
 
     def _on_pre_step(self) -> None:
         slot = self._step % self._window.size
@@ -189,10 +189,9 @@ class TorchWatcher:
         if self._tensors.recorder.clipped(self._window.inv_scale[slot] is not None):
             self._clipping_seen = True
         self._commit()
-        scale = getattr(self._scale.known(), "_scale", None)
-        if isinstance(scale, torch.Tensor):
-            # the scaler.update() that follows this step bumps the version once
-            self._scale_seen = (id(scale), scale._version + 1)
+        now = self._scale.updates()
+        if now is not None:  # the scaler.update() that follows this step bumps it once
+            self._scale_seen = (now[0], now[1] + 1)
 
     def _on_residual(self, found: bool) -> None:
         """The first forward pass has shown whether the model has skip connections."""

@@ -161,6 +161,10 @@ class GradWatchCallback(keras.callbacks.Callback):
         self._close()
         if self.model is not None:
             self.model.train_function = None  # next fit traces without our wrappers
+        # The callback outlives the fit (``print(cb.report())``); the model and its variables
+        # need not: keep the report and findings, drop every reference to the model.
+        self._fit = None
+        self._model = None
 
     # -- public API --------------------------------------------------------------------------
 
@@ -174,5 +178,6 @@ class GradWatchCallback(keras.callbacks.Callback):
         return self.monitor.report()
 
     def extra_memory_bytes(self) -> int:
-        """Bytes held between steps: start-of-run weight samples and the state variables."""
+        """Bytes held between steps: start-of-run weight samples and the state variables (0
+        once ``fit`` has ended: the callback then holds nothing of the model)."""
         return self._fit.nbytes() if self._fit is not None else 0

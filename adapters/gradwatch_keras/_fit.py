@@ -7,6 +7,8 @@ eager: :class:`EagerRecorder`) and by replica, and turns a read into :class:`kit
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
 from typing import Any
 
@@ -26,6 +28,8 @@ from ._plan import StepPlan
 from ._readout import Cursor, RecordSettings, eager_record, graph_record
 from ._samples import WeightSamples
 
+logger = logging.getLogger("gradwatch")
+
 
 class FitWatch:
     """Everything one watched ``fit`` holds; :meth:`close` leaves the model as it was.
@@ -43,6 +47,10 @@ class FitWatch:
         self._monitor = monitor
         self._backend = backend = keras.backend.backend()
         self._inner = inner = getattr(optimizer, "inner_optimizer", optimizer)
+        #: Whether the user was told that no loss reaches gradwatch (said once per fit).
+        self._told_no_loss = False
+        #: ``gradient_accumulation_steps`` (0: every apply updates the weights).
+        self._accumulate = int(getattr(inner, "gradient_accumulation_steps", None) or 0)
         #: Serialises checks (Keras may run batch ends on a thread pool).
         self.lock = threading.Lock()
         #: Whether the wrappers are installed.
@@ -76,7 +84,11 @@ class FitWatch:
             scale = None if (scale is None or self._reduction == "keras") else float(scale)
             self._settings = RecordSettings(self.activations.sites, scale,
                                             self._samples.start_sq)
-            start = int(ops.convert_to_numpy(inner.iterations))
+            # The raw counter of apply calls: with gradient_accumulation_steps, ``iterations``
+            # is a tensor computed from it (updates so far), read once here it would stay fixed.
+            counter = getattr(inner, "_iterations", None)
+            counter = inner.iterations if counter is None else counter
+            start = int(ops.convert_to_numpy(counter))
             self._cursor = Cursor(start)
             plan = StepPlan(self._ops, variables.variables, self._samples, self.activations,
                             monitor, start, window)
@@ -84,7 +96,7 @@ class FitWatch:
             if backend == "tensorflow":
                 state = GraphState(model.distribute_strategy, self._replicas, window,
                                    len(variables), len(self.activations.sites))
-                self._graph = GraphRecorder(state, plan, inner.iterations)
+                self._graph = GraphRecorder(state, plan, counter)
             self._eager = EagerRecorder(plan)
             #: Per-thread trace state (tf.distribute traces each replica in its own thread).
             self._tls = threading.local()
@@ -123,8 +135,23 @@ class FitWatch:
             record = eager_record(self._ops, eager.norms, eager.window, rows, check,
                                   self.activations.take_eager(), self._cursor, self._settings,
                                   len(self.variables))
-        if record is not None:
-            self._monitor.check(kit.step_stats(record, self._layout))
+        if record is None:
+            return
+        stats = kit.step_stats(record, self._layout)
+        if not self._told_no_loss and stats.has_loss is not None and not stats.has_loss.any():
+            self._told_no_loss = True
+            logger.warning(
+                "gradwatch sees gradients but no loss (steps %d-%d): the model's train_step "
+                "does not pass its loss through optimizer.scale_loss (a custom train_step?), so "
+                "loss plateaus and divergence are not checked. Add `loss = "
+                "self.optimizer.scale_loss(loss)` before taking the gradients, as Keras' own "
+                "train_step does.", int(stats.steps[0]), int(stats.steps[-1]))
+        every = self._accumulate
+        if every and stats.update_ratio is not None and (self._cursor.start + stats.step) % every:
+            # gradient_accumulation_steps: this apply only added to the accumulators and the
+            # weights did not move; a zero there is not a stalled update, so none is reported.
+            stats = dataclasses.replace(stats, update_ratio=None)
+        self._monitor.check(stats)
 
     # -- what the optimizer wrappers see -----------------------------------------------------
 

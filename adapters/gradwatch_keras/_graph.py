@@ -138,7 +138,8 @@ class GraphRecorder:
     Args:
         state: The state variable.
         plan: The fit's recording plan.
-        iterations: The optimizer's step counter (a variable; read as ``iterations + 1``).
+        iterations: The optimizer's counter of ``apply`` calls (a variable; read as
+            ``iterations + 1``).
     """
 
     def __init__(self, state: GraphState, plan: StepPlan, iterations: Any) -> None:

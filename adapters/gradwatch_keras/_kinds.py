@@ -10,9 +10,13 @@ import keras
 NORM_LAYERS = {"BatchNormalization": "batchnorm", "LayerNormalization": "layernorm",
                "GroupNormalization": "groupnorm", "UnitNormalization": "unitnorm",
                "RMSNormalization": "rmsnorm"}
-#: Recurrent layers by class name: their activations act inside the cell's loop.
+#: Recurrent layers and their cells by class name: their activations act inside the loop over
+#: time steps (not sampled), and a variable's layer is its cell (``gru/gru_cell``). Without the
+#: cells, the torch backend (which runs the cell's own ``call`` at every time step) sampled a GRU
+#: cell's tanh as a site, and a GRU's LayerInfo was not marked recurrent.
 RECURRENT = ("SimpleRNN", "LSTM", "GRU", "RNN", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D",
-             "Bidirectional")
+             "Bidirectional", "SimpleRNNCell", "LSTMCell", "GRUCell", "StackedRNNCells",
+             "ConvLSTMCell")
 
 #: Activation kinds by their name without underscores, lower case: the torch adapter's names
 #: (``nn.LeakyReLU`` -> "leaky_relu", ``nn.SiLU`` -> "silu", ``nn.Hardsigmoid`` ->

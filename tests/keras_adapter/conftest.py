@@ -133,7 +133,7 @@ def fit(model: keras.Model, data: tuple[np.ndarray, np.ndarray] | None = None, *
         cbs.append(SyncCallback())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        history = model.fit(x * scale, y, batch_size=batch_size, epochs=epochs, verbose=0,
+        history = model.fit(x if scale == 1.0 else x * scale, y, batch_size=batch_size, epochs=epochs, verbose=0,
                             callbacks=cbs, **fit_kwargs)
     internal = [str(w.message) for w in caught
                 if issubclass(w.category, gradwatch.GradWatchInternalWarning)]

@@ -290,7 +290,7 @@ def test_callback_reused_across_fits_reports_each_fit_on_its_own():
     # The same instance on a healthy model: the findings and the step count start over.
     healthy = compiled(mlp(3, init="he_normal"))
     second = fit(healthy, epochs=3, callback=cb)
-    assert cb.model is healthy
+    assert cb.model is None  # released when the fit ended (the report is about `healthy`)
     assert second.report.steps == 3 * STEPS_PER_EPOCH
     assert second.report.checks == math.ceil(3 * STEPS_PER_EPOCH / 10)
     assert not second.kinds & UNHEALTHY, second.report

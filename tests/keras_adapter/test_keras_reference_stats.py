@@ -16,9 +16,9 @@ import weakref
 import numpy as np
 import pytest
 from conftest import BACKEND, StatsRecorder, fit, to_numpy
+from references import orthogonal_norm, ratio, sq
 
 import gradwatch
-from gradwatch import kit
 from gradwatch.keras import GradWatchCallback
 
 keras = pytest.importorskip("keras")
@@ -115,25 +115,6 @@ def gradients_and_outputs(model, weights, x, y, sites):
             [to_numpy(o).astype(np.float64) for o in out[1:]])
 
 
-def sq(a: np.ndarray) -> float:
-    return float(np.square(a.astype(np.float64)).sum())
-
-
-def sampled_sq(a: np.ndarray, fraction: float | None) -> float:
-    """||a||^2 from the strided sample ``a.reshape(-1)[::stride]`` (the public
-    ``kit.sample_stride``), scaled by elements / elements kept; ``None``: the whole tensor."""
-    if fraction is None:
-        return sq(a)
-    flat = a.reshape(-1)
-    kept = flat[::kit.sample_stride(flat.size, fraction)]
-    return sq(kept) * flat.size / kept.size
-
-
-def ratio(now, base, fraction) -> float:
-    top = sum(sampled_sq(a.astype(np.float64) - b, fraction) for a, b in zip(now, base))
-    return math.sqrt(top / sum(sampled_sq(b, fraction) for b in base))
-
-
 @pytest.mark.parametrize(("update_ratio", "fraction"), [
     pytest.param("exact", 0.02, id="exact"),
     pytest.param("sampled", 0.2, id="sampled-fraction-0.2"),
@@ -192,14 +173,9 @@ def test_every_reported_statistic_matches_a_recomputation(update_ratio, fraction
         np.testing.assert_array_equal(s.weight_nonfinite, 0)
         np.testing.assert_allclose(
             s.weight_norm, [math.sqrt(sum(sq(p) for p in now[k])) for k in LAYERS], rtol=RTOL)
-        orth = []
-        for k in LAYERS:
-            total = 0.0
-            for g, p in zip(grads[k], before[k]):
-                g64, p64 = g.reshape(-1), p.reshape(-1).astype(np.float64)
-                total += float(g64 @ g64 - (g64 @ p64) ** 2 / (p64 @ p64))
-            orth.append(math.sqrt(total))
-        np.testing.assert_allclose(s.grad_norm_orthogonal, orth, rtol=RTOL)
+        np.testing.assert_allclose(
+            s.grad_norm_orthogonal, [orthogonal_norm(grads[k], before[k]) for k in LAYERS],
+            rtol=RTOL)
         np.testing.assert_allclose(
             s.update_ratio, [ratio(now[k], before[k], sample) for k in LAYERS], rtol=RTOL)
         np.testing.assert_allclose(

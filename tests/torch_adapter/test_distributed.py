@@ -8,6 +8,7 @@ most of the cost); the tests below assert on what each rank wrote. Run this file
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -82,8 +83,11 @@ class Recorder:
                 last[name] = np.asarray(value, dtype=float).tolist()
 
 
-def train(model: nn.Module, rank: int | None, watch_target=None, **options) -> dict:
-    """Train STEPS steps (watching when ``watch_target`` is given); what the rank saw."""
+def train(model: nn.Module, rank: int | None, watch_target=None, micro: int = 1,
+          **options) -> dict:
+    """Train STEPS steps (watching when ``watch_target`` is given); what the rank saw.
+    ``micro > 1``: each step accumulates that many micro-batches, all but the last under
+    DDP's ``no_sync()`` (the loss divided by ``micro``: the step's gradient is the batch's)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     recorder = Recorder()
     called: list[str] = []
@@ -106,11 +110,15 @@ def train(model: nn.Module, rank: int | None, watch_target=None, **options) -> d
                                           **options)
             for step, (xb, yb) in enumerate(batches(rank), start=1):
                 opt.zero_grad()
-                loss = nn.functional.binary_cross_entropy_with_logits(
-                    model(xb).squeeze(-1), yb)
-                loss.backward()
-                if w is not None:
-                    w.observe_loss(loss)
+                chunks = list(zip(xb.chunk(micro), yb.chunk(micro)))
+                for i, (xc, yc) in enumerate(chunks):
+                    last = i == len(chunks) - 1
+                    with contextlib.nullcontext() if last else model.no_sync():
+                        loss = nn.functional.binary_cross_entropy_with_logits(
+                            model(xc).squeeze(-1), yc) / micro
+                        loss.backward()
+                    if w is not None:
+                        w.observe_loss(loss * micro)
                 try:
                     opt.step()
                 except gradwatch.GradientHealthError:
@@ -172,6 +180,7 @@ def worker(rank: int, port: int, outdir: str) -> None:
     # neither can hang.
     run("ddp_rank0_only", lambda: train(model := DDP(deep_sigmoid()), rank,
                                         model if rank == 0 else None, check_every=CHECK_EVERY))
+    run("ddp_no_sync", lambda: ddp(True, micro=2, check_every=CHECK_EVERY))
     run("ddp_check_every_differs", lambda: ddp(True, check_every=CHECK_EVERY if rank == 0 else 7))
 
     def fsdp():
@@ -249,6 +258,19 @@ def test_ddp_gradients_are_read_after_the_all_reduce(ranks):
         a, b = _norms(r0[name]), _norms(r1[name])
         np.testing.assert_array_equal(a, b, err_msg=name)
         np.testing.assert_allclose(a, single, rtol=1e-4, atol=1e-12, err_msg=name)
+
+
+@spawned
+def test_ddp_no_sync_accumulation_gives_the_steps_all_reduced_gradient(ranks):
+    """Two micro-batches per step, the first under ``no_sync()``: one step per ``opt.step()``
+    (not per backward), read after the last backward's all-reduce. Read after the first, the
+    norms would be of a quarter of the batch on one rank and differ between the ranks."""
+    (r0, r1), _ = ranks
+    a, b = _norms(r0["ddp_no_sync"]), _norms(r1["ddp_no_sync"])
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, _norms(r0["single"]), rtol=1e-4, atol=1e-12)
+    assert sorted(map(int, r0["ddp_no_sync"]["stats"])) == list(range(1, STEPS + 1))
+    assert r0["ddp_no_sync"]["findings"] == r0["single"]["findings"]
 
 
 @spawned

@@ -17,7 +17,7 @@ from gradwatch._events import (
     read_runs,
     weight_change_percent,
 )
-from gradwatch._plots import plot_run
+from gradwatch._plots import DPI, FIGSIZE, draw_run, plot_run
 from gradwatch._results import md, plain, run_summary_markdown, run_summary_text
 
 HOSTILE = "<img src=x onerror=alert(1)>"
@@ -186,25 +186,76 @@ def test_a_hostile_layer_name_is_inert_in_the_summary_and_plot(tmp_path):
     text = run_summary_markdown(run, "run.png")
     assert "<img" not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
     assert "<" not in text.replace("&lt;", "")
-    # mathtext in a layer name is drawn as text, not parsed (a bad formula would raise).
-    png = plot_run(run, tmp_path / "run.png")
-    with open(png, "rb") as fh:
-        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    # mathtext in a layer name is drawn as text, not parsed: "$\frac{1}{0}$" as typed, not a
+    # fraction; long names are cut short.
+    from matplotlib import cbook
+
+    decoded_png(plot_run(run, tmp_path / "run.png"))
+    fig = draw_run(run)
+    grads, loss, change = fig.axes
+    shown = [r"<img src=x onerror=aler…", r"\$\frac{1}{0}\$", "out"]
+    assert [t.get_text() for t in grads.get_legend().get_texts()] == shown
+    assert [t.get_text() for t in change.get_yticklabels()] == [
+        "<img src=x onerro…", r"\$\frac{1}{0}\$", "out"]
+    assert [t.get_text() for t in loss.texts] == [" vanishing <img src=x oner…"]
+    assert fig.get_suptitle() == f"run {HOSTILE} (test)"
+    names = [*shown, *(t.get_text() for t in change.get_yticklabels()),
+             *(t.get_text() for t in loss.texts), fig.get_suptitle()]
+    assert not any(cbook.is_math_text(name) for name in names), names
+
+
+def decoded_png(path):
+    """The PNG at ``path``, decoded: the size plot_run documents, and not blank."""
+    import matplotlib.image  # as gradwatch does: only where a plot is drawn
+
+    image = matplotlib.image.imread(path)
+    assert image.shape == (FIGSIZE[1] * DPI, FIGSIZE[0] * DPI, 4) == (432, 1350, 4)
+    assert image[..., :3].std() > 0.05  # a blank figure is 0
+    return image
 
 
 def test_plot_handles_nan_runs_and_runs_without_statistics(tmp_path):
-    path = write_run(tmp_path / "run.jsonl", nan_at=2)
+    # (The plot of a healthy run, checked line by line against its event file:
+    # test_cli.py::test_the_report_plot_shows_the_runs_layers_loss_findings_and_weight_change.)
+    path = write_run(tmp_path / "run.jsonl", nan_at=2)  # the loss of step 20 is NaN
     lines = path.read_text().splitlines()
     stats = json.loads(lines[4])
-    stats["grad_norm"] = ["NaN"] * 3
+    assert stats["event"] == "stats" and stats["step"] == 30
+    stats["grad_norm"] = ["NaN"] * 3  # every gradient norm of step 30 too
     lines[4] = json.dumps(stats)
     path.write_text("\n".join(lines) + "\n")
     [run] = read_runs(path)
     assert np.isnan(run.grad_norm).any()
-    plot_run(run, tmp_path / "nan.png")
+    decoded_png(plot_run(run, tmp_path / "nan.png"))
+    grads, loss, change = draw_run(run).axes
+    # Every layer's line has a gap at step 30, its points marked (lone points between gaps
+    # would be invisible), and a red line says where values stopped being finite.
+    *layers, nan_line = grads.lines
+    assert [line.get_label() for line in layers] == ["0", "1", "2"]
+    for i, line in enumerate(layers):
+        assert line.get_xdata().tolist() == [10, 20, 30, 40] and line.get_marker() == "o"
+        np.testing.assert_allclose(line.get_ydata(), run.grad_norm[:, i])
+        assert np.isnan(line.get_ydata()).tolist() == [False, False, True, False]
+    assert list(nan_line.get_xdata()) == [30, 30] and nan_line.get_color() == "crimson"
+    assert [(t.get_text(), t.get_position()[0]) for t in grads.texts] == [(" NaN/Inf", 30)]
+    assert grads.get_yscale() == "log"
+    # The loss through its finite values, a red line at the first NaN one, and the finding.
+    curve, nan_loss, finding = loss.lines
+    assert curve.get_xdata().tolist() == [10, 30, 40]
+    np.testing.assert_allclose(curve.get_ydata(), [1, 1 / 3, 1 / 4])
+    assert list(nan_loss.get_xdata()) == [20, 20] and nan_loss.get_color() == "crimson"
+    assert list(finding.get_xdata()) == [20, 20]
+    assert [t.get_text() for t in loss.texts] == [" vanishing 0"]
+    assert [t.get_text() for t in change.texts] == ["0%", "4%", "10%"]
+
     start_only = tmp_path / "start.jsonl"
     start_only.write_text(path.read_text().splitlines()[0] + "\n")
     [empty] = read_runs(start_only)
     assert empty.check_steps.size == 0 and math.isnan(first_last_ratio(empty))
-    plot_run(empty, tmp_path / "empty.png")
-    assert (tmp_path / "nan.png").stat().st_size > 0 and (tmp_path / "empty.png").exists()
+    decoded_png(plot_run(empty, tmp_path / "empty.png"))
+    # Each panel says what the file lacks, instead of empty axes.
+    grads, loss, change = draw_run(empty).axes
+    assert [t.get_text() for t in grads.texts] == ["no statistics in the event file"]
+    assert [t.get_text() for t in loss.texts] == ["no loss in the event file"]
+    assert [t.get_text() for t in change.texts] == ["not measured"] and not change.axison
+    assert not grads.lines and not loss.lines and not change.patches

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
+from collections import Counter
 
 import pytest
 import test_reliability
@@ -205,7 +205,7 @@ def test_strict_mode_stops_training_at_the_first_check_after_nan(inject, layers,
 # -- a training process interrupted or killed -------------------------------------------------
 
 CHILD = textwrap.dedent("""
-    import itertools, signal, sys, time, warnings
+    import itertools, os, signal, sys, time, warnings
     import torch
     from torch import nn
     import gradwatch
@@ -222,10 +222,56 @@ CHILD = textwrap.dedent("""
     x, y = torch.randn(64, 8), torch.randn(64, 1)
     warnings.simplefilter("ignore")
 
+    AT = 150  # the step that is interrupted (or killed)
+    sig, _, where = how.partition("@")  # "SIGINT@backward": Ctrl-C inside loss.backward()
+    now = {"step": 0}
+
+    def arrives(place):
+        # The signal arrives at a fixed point of step AT, not wherever a timer would land it:
+        # raise_signal runs Python's SIGINT handler before it returns (the KeyboardInterrupt of
+        # a Ctrl-C is raised right here); SIGKILL ends the process inside os.kill. Once.
+        if where == place and now["step"] == AT:
+            now["step"] = None
+            if sig == "SIGKILL":
+                os.kill(os.getpid(), signal.SIGKILL)
+            signal.raise_signal(signal.SIGINT)
+
+    # Inside the backward pass: after gradwatch's end-of-backward callback was queued, before
+    # it ran (the first layer's gradient is accumulated last).
+    model[0].weight.register_post_accumulate_grad_hook(lambda p: arrives("backward"))
+
+    class Dashboard:
+        # A third-party sink: gradwatch calls it inside its check, in the optimizer's
+        # post-step hook (before the built-in sinks: pluggy calls the last registered first).
+        @gradwatch.hookimpl
+        def gradwatch_step_stats(self, stats):
+            arrives("sink")
+
+    class EventFile:
+        # The event file under gradwatch's JSONL sink: the signal lands inside its write.
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, text):
+            if where == "mid-line" and now["step"] == AT:  # AT's first line: its stats
+                self.file.write(text[: len(text) // 2])
+                self.file.flush()
+                arrives("mid-line")  # killed with half a line on disk
+            n = self.file.write(text)
+            arrives("before-flush")  # the whole line written, not yet flushed
+            return n
+
+        def flush(self):
+            self.file.flush()
+
+        def close(self):
+            self.file.close()
+
     def train(w):
         deadline = time.monotonic() + 120
         for step in itertools.count(1):
-            if how.startswith("raise") and step == 150:
+            now["step"] = step
+            if how.startswith("raise") and step == AT:
                 raise KeyboardInterrupt
             if time.monotonic() > deadline:
                 sys.exit(3)  # nobody stopped us
@@ -235,11 +281,14 @@ CHILD = textwrap.dedent("""
             w.observe_loss(loss)
             opt.step()
 
-    options = dict(optimizer=opt, events=path, check_every=1, on_finding="log", name=how)
+    w = gradwatch.torch.watch(model, optimizer=opt, events=path, check_every=1,
+                              on_finding="log", name=how, plugins=[Dashboard()])
+    sink = w.monitor.pm.get_plugin("events")
+    sink._file = EventFile(sink._file)  # opened by watch(): the run's start event is written
     if how == "raise-without-with":
-        train(gradwatch.torch.watch(model, **options))
+        train(w)
     else:
-        with gradwatch.torch.watch(model, **options) as w:
+        with w:
             train(w)
 """)
 
@@ -251,18 +300,6 @@ def start_child(tmp_path, how):
     proc = subprocess.Popen([sys.executable, str(script), str(path), how],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, path
-
-
-def wait_for_lines(proc, path, lines, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_bytes().count(b"\n") >= lines:
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"the training process ended early: {proc.communicate()[1][-2000:]}")
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail(f"no {lines} lines in {path} after {timeout} s")
 
 
 def complete_lines_are_json(path):
@@ -305,26 +342,47 @@ def test_keyboard_interrupt_leaves_a_complete_event_file(tmp_path, capsys, how, 
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-@pytest.mark.parametrize("sig", [pytest.param(signal.SIGINT, id="SIGINT"),
-                                 pytest.param(signal.SIGKILL, id="SIGKILL")])
-def test_a_signal_mid_run_leaves_a_readable_event_file(tmp_path, capsys, sig):
-    proc, path = start_child(tmp_path, "signal")
+@pytest.mark.parametrize("how, stats, steps", [
+    # Ctrl-C (SIGINT -> KeyboardInterrupt) inside `with watch(...)`, at step 150, wherever it
+    # lands: the file holds every step that was written and ends with the run's end event,
+    # whose step is the optimizer steps that ran.
+    pytest.param("SIGINT@backward", 149, 149, id="SIGINT-in-backward"),
+    # Step 150 was taken; its check was interrupted before the event file's sink ran.
+    pytest.param("SIGINT@sink", 149, 150, id="SIGINT-in-a-sink"),
+    # The stats line of step 150 was written but not flushed: the end event flushes it.
+    pytest.param("SIGINT@before-flush", 150, 150, id="SIGINT-before-flush"),
+    # Killed with half of step 150's line on disk: no end event, the torn line is dropped.
+    pytest.param("SIGKILL@mid-line", 149, None, id="SIGKILL-mid-line"),
+])
+def test_a_signal_mid_run_leaves_a_readable_event_file(tmp_path, capsys, how, stats, steps):
+    proc, path = start_child(tmp_path, how)
     try:
-        wait_for_lines(proc, path, 120)
-        os.kill(proc.pid, sig)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode != 0, err[-2000:]
+    sig = signal.SIGKILL if how.startswith("SIGKILL") else signal.SIGINT
+    # Died of the signal (an uncaught KeyboardInterrupt exits through SIGINT), at that point.
+    assert proc.returncode == -sig, (proc.returncode, err[-2000:])
+    if sig == signal.SIGINT:
+        assert err.rstrip().endswith("KeyboardInterrupt") and "in arrives" in err, err[-2000:]
     events = complete_lines_are_json(path)
-    assert len(events) >= 120
+    assert [e["step"] for e in events if e["event"] == "stats"] == list(range(1, stats + 1))
+    assert [e["event"] for e in events].count("start") == 1
     run = reads_back(path, tmp_path, capsys)
+    assert run.check_steps.tolist() == list(range(1, stats + 1))
     if sig == signal.SIGKILL:
-        assert not run.ended
-    elif run.ended:  # SIGINT: KeyboardInterrupt, then the with block's exit ends the run
-        assert events[-1]["event"] == "end"
+        assert not run.ended and run.truncated and not path.read_bytes().endswith(b"\n")
+    else:
+        # The with block's exit ended the run: nothing half-written, the end event last,
+        # with a summary that agrees with the file and no failure of gradwatch's own.
+        assert path.read_bytes().endswith(b"\n") and not run.truncated
+        assert run.ended and events[-1]["event"] == "end" and events[-1]["step"] == steps
+        assert [e["event"] for e in events].count("end") == 1
+        assert run.summary["steps"] == run.summary["checks"] == run.steps == steps
+        assert run.summary["findings"] == dict(Counter(f.kind for f in run.findings))
+        assert run.summary["internal_errors"] == []
     # The user restarts training with the same events= path: both runs read back.
     model = mlp(2)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -332,9 +390,10 @@ def test_a_signal_mid_run_leaves_a_readable_event_file(tmp_path, capsys, sig):
                                on_finding="log", name="restart") as w:
         train(model, opt, w, 5)
     first, second = read_runs(path)
-    assert first.name == "signal" and first.check_steps.size == run.check_steps.size
-    assert second.name == "restart" and second.ended and second.check_steps.tolist() == [
-        1, 2, 3, 4, 5]
+    assert first.name == how and first.check_steps.tolist() == list(range(1, stats + 1))
+    assert first.ended is (sig == signal.SIGINT) and first.truncated is (sig == signal.SIGKILL)
+    assert second.name == "restart" and second.ended and not second.truncated
+    assert second.check_steps.tolist() == [1, 2, 3, 4, 5]
 
 
 # -- a long run -------------------------------------------------------------------------------

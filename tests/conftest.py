@@ -15,8 +15,24 @@ import gradwatch
 REQUIRED_FRAMEWORKS = ("torch", "keras")
 
 
+def _one_framework_thread() -> None:
+    """Under ``-n N`` each worker gets one framework thread: N workers with a thread pool
+    each oversubscribe the cores, and torch's spinning OpenMP threads then slow a small model's
+    loop 10-20x (measured here: a 2.5 s test took 52 s in the full ``-n 2`` run). Subprocesses
+    the tests start inherit the environment."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+    try:
+        import torch
+    except Exception:  # a missing torch is the controller's to report
+        return
+    torch.set_num_threads(1)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     if hasattr(config, "workerinput"):  # an xdist worker: the controller has checked
+        _one_framework_thread()
         return
     allowed = {n.strip() for n in os.environ.get("GRADWATCH_TESTS_WITHOUT", "").split(",")}
     missing: dict[str, str] = {}

@@ -24,10 +24,11 @@ from gradwatch import kit  # noqa: E402
 CHECK_EVERY = 2
 ACTIVATION_EVERY = 4  # also the detail steps (max |g|, zero fractions): steps 4 and 8
 STEPS = 8
-#: Gradient and weight norms: gradwatch sums float32 elements in float64 and rounds the
-#: per-tensor norm to float32 (relative error <= 6e-8); the reference sums the same elements in
-#: float64. Ratios and the orthogonal norm combine a few such numbers: 1e-5 leaves > 100x room
-#: and still fails on any real slip (a missing tensor, a stride off by one, the wrong W).
+#: Gradient and weight norms: on the CPU gradwatch sums float32 elements in float32 while no sum
+#: overflows (float64 otherwise); the reference sums the same elements in float64. Measured gap
+#: of float32 ``_foreach_norm`` on 12 to 262,144 normal elements: <= 1.6e-6 relative. Ratios and
+#: the orthogonal norm combine a few such numbers: 1e-5 leaves room and still fails on any real
+#: slip (a missing tensor, a stride off by one, the wrong W).
 RTOL = 1e-5
 
 

@@ -329,15 +329,32 @@ def test_one_host_transfer_per_check_whatever_the_number_of_layers(monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, name, counted)
 
-    for depth in (2, 30):
+    from gradwatch_torch import _reduce
+
+    def run(depth):
         syncs.clear()
         model = mlp(depth, width=8)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         w = gradwatch.torch.watch(model, optimizer=opt, check_every=5, activation_every=5)
         syncs.clear()  # watch() itself reads init scales once
         loop(model, opt, w, steps=20)
-        assert syncs == ["cpu"] * 4, (depth, syncs)  # 20 steps / 5 = 4 checks, 1 transfer each
         w.remove()
+        return list(syncs)
+
+    # The code path every device takes (on the CPU, norms are summed in float32 first and the
+    # float64 sum taken only if one overflowed: that reads a host scalar, see below).
+    monkeypatch.setattr(_reduce, "FLOAT32_FIRST_ON_CPU", False)
+    for depth in (2, 30):
+        # 20 steps / 5 = 4 checks, 1 transfer each
+        assert run(depth) == ["cpu"] * 4, depth
+    # The CPU's float32-first norms read one CPU scalar per norm reduction (a host tensor: no
+    # transfer), from _reduce.foreach_norm64 only: per step at most one per block of tensors
+    # that no stacked block takes, whatever the number of layers.
+    monkeypatch.setattr(_reduce, "FLOAT32_FIRST_ON_CPU", True)
+    reads = {depth: run(depth) for depth in (2, 30)}
+    for depth, r in reads.items():
+        assert r.count("cpu") == 4 and set(r) <= {"cpu", "__float__"}, (depth, r)
+    assert reads[2].count("__float__") == reads[30].count("__float__") > 0, reads
 
 
 def test_observe_loss_rejects_what_is_not_a_scalar_loss():

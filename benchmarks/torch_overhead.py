@@ -448,12 +448,20 @@ def count_syncs():
 
 def syncs_per_step(config: str, model_fn, device: torch.device, workdir: str,
                    steps: int = 20) -> float:
+    from gradwatch_torch import _reduce
+
     cfg = build(config, model_fn, device, workdir)
     for _ in range(5):
         cfg.step()
-    with count_syncs() as counts:
-        for _ in range(steps):
-            cfg.step()
+    # Counted on the path every device takes: on the CPU the float32-first norms also read a
+    # CPU scalar per reduction, which is no device transfer (and is in the timings above).
+    cpu_path, _reduce.FLOAT32_FIRST_ON_CPU = _reduce.FLOAT32_FIRST_ON_CPU, False
+    try:
+        with count_syncs() as counts:
+            for _ in range(steps):
+                cfg.step()
+    finally:
+        _reduce.FLOAT32_FIRST_ON_CPU = cpu_path
     cfg.close()
     return counts["n"] / steps
 

@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from references import orthogonal_norm  # noqa: E402
+from references import orthogonal_norm, ratio, sq  # noqa: E402
 from torch import nn  # noqa: E402
 
 import gradwatch  # noqa: E402
-from gradwatch import kit  # noqa: E402
 
 CHECK_EVERY = 2
 ACTIVATION_EVERY = 4  # also the detail steps (max |g|, zero fractions): steps 4 and 8
@@ -83,29 +82,6 @@ def params_of(model: nn.Module) -> dict[str, list[torch.Tensor]]:
 
 def copy(tensors: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
     return {k: [t.detach().clone() for t in v] for k, v in tensors.items()}
-
-
-def sq(t: torch.Tensor) -> float:
-    return float(t.double().square().sum())
-
-
-def sampled_sq(t: torch.Tensor, fraction: float | None) -> float:
-    """||t||^2 estimated from the strided sample ``t.reshape(-1)[::stride]`` that update ratios
-    are defined on (the public ``kit.sample_stride``), scaled by elements / elements kept so
-    that it estimates the whole tensor's; ``fraction=None``: the whole tensor."""
-    if fraction is None:
-        return sq(t)
-    flat = t.reshape(-1)
-    stride = kit.sample_stride(flat.numel(), fraction)
-    kept = flat[::stride]
-    return sq(kept) * flat.numel() / kept.numel()
-
-
-def ratio(now: list[torch.Tensor], base: list[torch.Tensor], fraction: float | None) -> float:
-    """sqrt(sum ||now - base||^2 / sum ||base||^2) over a layer's tensors, from the sample."""
-    top = sum(sampled_sq(a.double() - b.double(), fraction) for a, b in zip(now, base))
-    bottom = sum(sampled_sq(b, fraction) for b in base)
-    return math.sqrt(top / bottom)
 
 
 def run(update_ratio: str, sample_fraction: float, tmp_path):

@@ -2,7 +2,8 @@
 
     python benchmarks/check_cost.py
 
-Part 1 trains the benchmark MLP (one torch thread) with the default settings, keeps the
+Part 0 times the pieces of a check where they run, inside training (wall-clock medians over the
+run's checks, the per-step recording too). Part 1 trains the benchmark MLP (one torch thread) with the default settings, keeps the
 StepStats of each check, then replays them through a fresh ``Monitor.check`` and through each
 detector alone (process CPU time, median of ``--repeats`` passes). Part 2 times the kernels
 docs/performance.md compares: max |g| by inf-norm vs ``aminmax``, and dead units by ``any(y > 0)``
@@ -43,9 +44,47 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def timed(obj, name: str, label: str, times: dict[str, list[float]]) -> None:
+    """Wrap ``obj.name`` so that each call's wall time (µs) is kept under ``label``."""
+    fn = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            times.setdefault(label, []).append((time.perf_counter() - t) * 1e6)
+
+    setattr(obj, name, wrapper)
+
+
+def in_training(steps: int) -> None:
+    """Part 0: each piece of the check, and the per-step recording, timed in the training loop
+    (the first quarter of calls is warm-up and dropped)."""
+    import gradwatch_torch._watcher as watcher_module
+
+    cfg = bench.build(bench.GradWatchDefault, bench.mlp, torch.device("cpu"), "/tmp")
+    w, times = cfg.watcher, {}
+    timed(w._tensors.recorder, "record", "per step: gradient norms (end of backward)", times)
+    timed(w, "_check", "per check: all of it", times)
+    timed(w._tensors, "measure", "  weights and update samples (device)", times)
+    timed(watcher_module, "read", "  the one transfer and unpacking", times)
+    timed(watcher_module.kit, "step_stats", "  per-layer step_stats", times)
+    timed(w.monitor, "check", "  Monitor.check", times)
+    for det in w.monitor.detectors:
+        timed(det, "update", f"    {type(det).__name__}", times)
+    for _ in range(steps):
+        cfg.step()
+    cfg.close()
+    for label, values in times.items():
+        values = values[len(values) // 4:]
+        print(f"{label:<46}{statistics.median(values):8.1f} us  ({len(values)} calls)")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     torch.set_num_threads(1)
+    in_training(args.steps)
     cfg = bench.build(bench.GradWatchDefault, bench.mlp, torch.device("cpu"), "/tmp")
     monitor = cfg.watcher.monitor
     captured = []

@@ -175,6 +175,14 @@ class GradWatchEveryStep(GradWatch):
     options = {"check_every": 1, "activation_every": 1}
 
 
+class GradWatchNoChecks(GradWatch):
+    """The default watcher's per-step recording alone: no check ever comes (``check_every`` past
+    any run), so ``gradwatch-default`` minus this is what the checks cost."""
+
+    # (the per-step ring buffer has check_every rows: longer than a run, no larger)
+    options = {"check_every": 10_000, "activation_every": 10_000}
+
+
 class GradWatchExact(GradWatch):
     options = {"update_ratio": "exact"}
 
@@ -313,6 +321,7 @@ CONFIGS: dict[str, type[Config]] = {
     "plain": Plain,
     "gradwatch-default": GradWatchDefault,
     "gradwatch-every-step": GradWatchEveryStep,
+    "gradwatch-no-checks": GradWatchNoChecks,
     "floor": Floor,
     "naive-item": NaiveItem,
     "detect-anomaly": DetectAnomaly,
@@ -685,6 +694,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = parser()
     args = p.parse_args(argv)
     if args.quick:
+        # --quick sets these itself: a value the user also gave would be silently overridden.
+        given = [f"--{name}" for name in ("rounds", "steps", "warmup", "depths")
+                 if getattr(args, name) != p.get_default(name)]
+        if given:
+            p.error(f"--quick sets --rounds, --steps, --warmup and --depths itself; drop "
+                    f"{', '.join(given)} or drop --quick")
         global _batch_limit
         _batch_limit = QUICK_BATCH
         args.rounds, args.steps, args.warmup, args.depths = 2, 10, 2, "10,100"

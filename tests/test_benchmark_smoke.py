@@ -102,3 +102,12 @@ def test_torch_benchmark_rejects_bad_arguments_by_name():
          "plain,no-such-tool"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "--configs" in proc.stderr and "no-such-tool" in proc.stderr
+
+
+def test_torch_benchmark_refuses_quick_with_the_settings_quick_overrides():
+    # --quick sets rounds/steps itself: a --rounds the user gave must not be silently dropped.
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "torch_overhead.py"), "--quick",
+         "--rounds", "30", "--steps", "100"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "drop --rounds, --steps or drop --quick" in proc.stderr

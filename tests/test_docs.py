@@ -41,7 +41,7 @@ def test_the_first_plugins_example_is_the_detector():
 # keep the promise true when a test is renamed, a flag removed or a page moved.
 
 ROOT = DOCS.parent
-PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 
 

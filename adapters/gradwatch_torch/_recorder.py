@@ -43,6 +43,10 @@ class GradMark(NamedTuple):
     version: int
 
 
+#: The per-step history (``check_every`` rows of one float32 per tensor) may take this much.
+HISTORY_MAX_BYTES = 1 << 30
+
+
 class GradRecorder:
     """Reads the watched parameters' gradients at the end of each backward pass.
 
@@ -59,6 +63,12 @@ class GradRecorder:
         self._device = device
         self._sharded = sharded
         n = len(params)
+        if window * n * 4 > HISTORY_MAX_BYTES:
+            # Refused by name: the allocation would fail (or take the memory) with no hint.
+            raise ValueError(
+                f"check_every={window}: the per-step gradient history ({window} steps x {n} "
+                f"tensors, {window * n * 4 / 2**30:.1f} GiB on {device}) is too large; use "
+                f"check_every <= {HISTORY_MAX_BYTES // (4 * n)}")
         #: Per step slot and tensor: the gradient's L2 norm (0 where there is none) ``[W, T]``.
         self.hist = torch.zeros((window, n), dtype=torch.float32, device=device)
         self._rows = list(self.hist.unbind(0))

@@ -371,6 +371,9 @@ def test_observe_loss_rejects_what_is_not_a_scalar_loss():
 @pytest.mark.parametrize("kwargs, error, match", [
     pytest.param({"check_every": 0}, ValueError, "check_every", id="check_every-0"),
     pytest.param({"check_every": 2.5}, TypeError, "check_every", id="check_every-float"),
+    # a history of check_every rows per tensor: 10**9 steps would ask for GBs, not fail later
+    pytest.param({"check_every": 10**9}, ValueError, r"check_every=1000000000: .* use "
+                 r"check_every <= \d+", id="check_every-too-large"),
     pytest.param({"activation_every": 7}, ValueError, "activation_every", id="activation-not-multiple"),
     pytest.param({"on_finding": "shout"}, ValueError, "on_finding", id="on_finding"),
     pytest.param({"update_ratio": "approx"}, ValueError, "update_ratio", id="update_ratio"),

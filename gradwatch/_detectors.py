@@ -573,7 +573,11 @@ class LossDivergenceDetector(Detector):
       from that median, the message says both.
 
     Both are tied to the starting loss so that a converged loss of 1e-3 jumping to 1e-2 is not
-    called a divergence. Non-finite losses are :class:`NonFiniteDetector`'s.
+    called a divergence. Non-finite losses are :class:`NonFiniteDetector`'s. A jump's evidence
+    says how many steps in a row it has held (``held``) and whether it still holds at the
+    check's last step (``ongoing``): the severity rules make a jump that has not yet held for
+    :data:`gradwatch._severity.JUMP_HOLD_STEPS` steps an info finding (SGD's brief excursions
+    that recover on their own), and one that holds a warning.
 
     Args:
         spike_factor: Defaults to ``10``.
@@ -603,27 +607,37 @@ class LossDivergenceDetector(Detector):
             maxlen=self.window + max(self.spike_steps, self.min_history))
         self._start: list[float] = []
         self._start_median: float | None = None
+        self._streak = 0  # consecutive steps, up to the last one seen, at which the jump held
 
     def update(self, stats: StepStats) -> list[Finding] | None:
         losses = _finite_losses(stats)
         if not losses:
             return None
-        hit = None
+        hit, held = None, 0
         for step, loss in losses:
             if len(self._start) < self.min_history:
                 self._start.append(loss)
             self._losses.append(loss)
-            if hit is None and len(self._start) >= self.min_history:
-                hit = self._judge(step)
+            if len(self._start) < self.min_history:
+                continue
+            jump = self._jump(step)
+            self._streak = self._streak + 1 if jump is not None else 0
+            held = max(held, self._streak)
+            if hit is None:
+                hit = jump if jump is not None else self._rise(step)
         if hit is None:
             return []
-        step, value, threshold, why = hit
+        step, value, threshold, why, test = hit
+        evidence: dict[str, object] = {"start": self._start_median, "test": test}
+        if test == "jump":
+            # How long the jump has held (its longest streak in this check, counted from
+            # before it); whether it still holds at the check's last step.
+            evidence.update(held=held, ongoing=self._streak > 0)
         return [Finding(kind="loss_divergence", step=step, layer=None, value=value,
                         threshold=threshold, message=f"step {step}: {why}.",
-                        advice=_advice.divergence(self.context),
-                        evidence={"start": self._start_median})]
+                        advice=_advice.divergence(self.context), evidence=evidence)]
 
-    def _judge(self, step: int) -> tuple[int, float, float, str] | None:
+    def _jump(self, step: int) -> tuple[int, float, float, str, str] | None:
         # statistics.median on these short lists of finite floats: the same value as
         # np.median at a tenth of the cost, and this runs once per step at every check.
         if self._start_median is None:
@@ -637,9 +651,15 @@ class LossDivergenceDetector(Detector):
                 return (step, jump, self.spike_factor * ref,
                         f"the median loss of the last {self.spike_steps} steps ({jump:.4g}) is "
                         f"{jump / ref:.3g}x the median of the {len(before)} steps before "
-                        f"({ref:.4g})")
+                        f"({ref:.4g})", "jump")
+        return None
+
+    def _rise(self, step: int) -> tuple[int, float, float, str, str] | None:
+        start = self._start_median
+        assert start is not None
+        losses = self._losses
         if len(losses) >= self.min_history and start > 0:
-            rise = statistics.median(losses[-self.min_history:])
+            rise = statistics.median(list(losses)[-self.min_history:])
             if rise > self.rise_factor * start:
                 first = self._start[0]
                 also = (f"; the very first loss was {first:.4g}"
@@ -647,7 +667,7 @@ class LossDivergenceDetector(Detector):
                 return (step, rise, self.rise_factor * start,
                         f"the median loss of the last {self.min_history} steps ({rise:.4g}) is "
                         f"{rise / start:.3g}x the median of the first {len(self._start)} "
-                        f"({start:.4g}{also})")
+                        f"({start:.4g}{also})", "rise")
         return None
 
 

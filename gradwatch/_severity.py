@@ -75,6 +75,11 @@ STUCK_STEPS = 1000
 BLOWN_UP = 1.3
 #: A loss below this fraction of its start: the model has clearly learnt.
 LEARNT = 0.5
+#: A jump in the loss is a divergence (a warning) once it has held this many steps in a row;
+#: before that, and when it came back down sooner, it is an excursion (info). Twice the jump
+#: test's default ``spike_steps``: the 5-step median can only stay up for 10 steps when most of
+#: those steps' losses are high. A real divergence costs one more check to be a warning.
+JUMP_HOLD_STEPS = 10
 
 
 def _stalled(f: Finding, ev: RunEvidence) -> tuple[str, str]:
@@ -130,6 +135,20 @@ def _plateau(f: Finding, ev: RunEvidence) -> tuple[str, str]:
                     f"before they learn (a warning follows after {STUCK_STEPS} steps)")
 
 
+def _divergence(f: Finding, ev: RunEvidence) -> tuple[str, str]:
+    evidence = f.evidence if isinstance(f.evidence, dict) else {}
+    held = evidence.get("held")
+    if evidence.get("test") != "jump" or held is None or held >= JUMP_HOLD_STEPS:
+        return "warning", ""
+    if "nonfinite" in ev.active:
+        return "warning", ""  # the jump came with Inf/NaN: no excursion
+    if evidence.get("ongoing"):
+        return "info", (f"the jump has held for {held} steps so far; a warning follows if it "
+                        f"holds for {JUMP_HOLD_STEPS}")
+    return "info", (f"the loss came back down after {held} steps: an excursion, not a "
+                    f"divergence")
+
+
 def _saturated(f: Finding, ev: RunEvidence) -> tuple[str, str]:
     # It hurts when the gradient vanishes or the loss is stuck for good (a plateau that is a
     # warning); a tanh net fed unscaled inputs that still learns is only a fact.
@@ -145,6 +164,7 @@ RULES: dict[str, Rule] = {
     "exploding_gradient": _exploding,
     "vanishing_gradient": _vanishing,
     "large_update": _large_update,
+    "loss_divergence": _divergence,
     "loss_plateau": _plateau,
     "saturated_units": _saturated,
 }

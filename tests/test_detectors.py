@@ -981,6 +981,22 @@ class TestLossDivergence:
         assert f.value == pytest.approx(2.0)
         assert f.threshold == pytest.approx(10 * 0.01)
 
+    @pytest.mark.parametrize("per_check", [1, 10])
+    def test_a_jump_says_how_long_it_held_and_whether_it_still_holds(self, per_check):
+        det = bound(LossDivergenceDetector())
+        # 6 steps at 1.2 (above the start, below the rise test's 1.5x): the median of the last 5
+        # is above the start from the third of them
+        # until the third low loss after them: 6 steps in a row
+        losses = self.CONVERGED + [1.2] * 6 + [0.01] * 20
+        found = [f for s in losses_stream(losses, per_check=per_check)
+                 for f in (det.update(s) or [])]
+        assert found and {f.evidence["test"] for f in found} == {"jump"}
+        assert max(f.evidence["held"] for f in found) == 6
+        assert found[-1].evidence["ongoing"] is False or per_check == 1
+        rise = bound(LossDivergenceDetector(rise_factor=1.5))
+        f = next(f for s in losses_stream([1.0] * 20 + [2.0] * 20) for f in (rise.update(s) or []))
+        assert f.evidence["test"] == "rise" and "held" not in f.evidence
+
     @pytest.mark.parametrize("spike_steps, min_history", [
         pytest.param(5, 10, id="spike_steps-below-min_history"),
         pytest.param(10, 10, id="spike_steps-equal-to-min_history"),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import gradwatch
-from gradwatch._severity import STUCK_STEPS, RunEvidence, judge, judge_all
+from gradwatch._severity import JUMP_HOLD_STEPS, STUCK_STEPS, RunEvidence, judge, judge_all
 
 
 def make(kind, severity="warning", value=1.0, **evidence):
@@ -104,6 +104,23 @@ def test_a_plateau_without_the_detectors_evidence_keeps_its_severity():
 ])
 def test_saturation_is_a_warning_only_when_it_hurts(active, severity):
     assert judge(make("saturated_units"), dataclasses.replace(EV, active=active)).severity == severity
+
+
+@pytest.mark.parametrize("evidence, active, severity", [
+    pytest.param(dict(test="jump", held=5, ongoing=True), frozenset(), "info", id="jump-so-far"),
+    pytest.param(dict(test="jump", held=5, ongoing=False), frozenset(), "info", id="came-back"),
+    pytest.param(dict(test="jump", held=JUMP_HOLD_STEPS, ongoing=True), frozenset(), "warning",
+                 id="jump-that-holds"),
+    pytest.param(dict(test="jump", held=3, ongoing=True), frozenset({"nonfinite"}), "warning",
+                 id="jump-with-nan"),
+    pytest.param(dict(test="rise"), frozenset(), "warning", id="rise"),
+    pytest.param({}, frozenset(), "warning", id="third-party-evidence"),
+])
+def test_a_loss_jump_is_a_warning_once_it_holds(evidence, active, severity):
+    f = judge(make("loss_divergence", **evidence), dataclasses.replace(EV, active=active))
+    assert f.severity == severity
+    if severity == "info":
+        assert ("came back down" in f.message) is (not evidence["ongoing"])
 
 
 def test_kinds_without_a_rule_and_info_findings_keep_their_severity():
@@ -231,3 +248,37 @@ def test_a_run_knocked_into_a_trivial_solution_is_warned_at_its_plateau():
     # the same plateau without the blow-up is a fact for now
     calm = dataclasses.replace(found, evidence={**found.evidence, "peak": 1.0})
     assert judge(calm, EV).severity == "info"
+
+
+def loss_checks(losses, every=10):
+    for end in range(every, len(losses) + 1, every):
+        steps = np.arange(end - every + 1, end + 1)
+        yield gradwatch.StepStats(
+            step=end, layers=("0",), steps=steps, grad_norm=np.ones((every, 1)),
+            has_grad=np.ones((every, 1), bool), loss=np.array(losses[end - every:end], float),
+            grad_size=np.ones(1))
+
+
+@pytest.mark.parametrize("length, warned", [
+    pytest.param(6, False, id="a-6-step-excursion"),
+    pytest.param(40, True, id="a-divergence-that-holds"),
+])
+def test_a_loss_excursion_that_recovers_is_info_and_a_divergence_is_warned(length, warned):
+    # converged at 0.02 from a start of 0.7, then a jump to 1.4 for `length` steps
+    losses = [0.7] * 20 + list(np.geomspace(0.7, 0.02, 60)) + [0.02] * 120
+    losses += [1.4] * length + [0.02] * 60
+    ctx = gradwatch.RunContext(model=gradwatch.ModelInfo(framework="test"),
+                               layers=(gradwatch.LayerInfo("0", "Linear", 4),))
+    mon = gradwatch.Monitor(ctx, detectors=[gradwatch.LossDivergenceDetector()])
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for stats in loss_checks(losses):
+            mon.check(stats)
+    told = [w for w in record if issubclass(w.category, gradwatch.LossDivergenceWarning)]
+    kinds = [(f.kind, f.severity) for f in mon.findings]
+    assert ("loss_divergence", "info") in kinds  # the jump is told at once, as a fact
+    assert bool(told) is warned and (("loss_divergence", "warning") in kinds) is warned
+    if warned:  # one check later than the jump test first held
+        first_info = next(f for f in mon.findings if f.severity == "info")
+        warning = next(f for f in mon.findings if f.is_warning)
+        assert 0 < warning.step - first_info.step <= 2 * 10

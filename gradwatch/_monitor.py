@@ -31,6 +31,7 @@ from ._report import LayerAggregate, LayerRow, Report
 from ._severity import RunEvidence, judge_all
 from ._sinks import FindingSink, JsonlSink
 from ._stats import StepStats
+from ._tensorboard import TensorBoardSink
 
 logger = logging.getLogger("gradwatch")
 
@@ -75,6 +76,9 @@ class Monitor:
         emit: ``False`` keeps findings (``findings``, the report) but tells nobody: no warning,
             log record, callable or event file (a distributed rank that does not report).
             Strict mode still raises. Adapters set it; users do not. Defaults to ``True``.
+        tensorboard: A :class:`TensorBoardSink` the adapter made from its ``tensorboard=``
+            option (:func:`gradwatch.kit.tensorboard_sink`), registered like ``events`` on a
+            run that emits. Defaults to ``None``.
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class Monitor:
         name: str | None = None,
         plugins: Sequence[object] = (),
         emit: bool = True,
+        tensorboard: TensorBoardSink | None = None,
     ) -> None:
         self.context = context
         self.check_every = v.positive_int("check_every", check_every)
@@ -114,6 +119,12 @@ class Monitor:
         self.pm.register(FindingSink(on_finding, quiet=not emit), name="findings")
         if events is not None and emit:
             self.pm.register(JsonlSink(events), name="events")
+        if tensorboard is not None:
+            if not isinstance(tensorboard, TensorBoardSink):
+                raise TypeError(f"tensorboard must be a gradwatch.kit.TensorBoardSink (see "
+                                f"kit.tensorboard_sink), got {type(tensorboard).__name__}")
+            if emit:
+                self.pm.register(tensorboard, name="tensorboard")
         #: Whether findings are told (warnings, logs, events), or only kept.
         self.emits = bool(emit)
         self._run_info: RunInfo | None = None

@@ -12,7 +12,10 @@ the device and move them to the host once per check; the kit does the rest:
   per-tensor numbers into the per-layer :class:`StepStats` the detectors read;
 * :func:`sample_stride` chooses the strided sample kept for update ratios;
   :data:`SAMPLED_ACTIVATIONS` and :data:`SATURATION_DERIVATIVE` say which activation outputs to
-  sample and where a sigmoid/tanh counts as saturated.
+  sample and where a sigmoid/tanh counts as saturated;
+* :func:`tensorboard_sink` validates an adapter's ``tensorboard=`` option and makes the
+  :class:`TensorBoardSink` its Monitor writes to (the adapter turns a log directory into a
+  writer with its framework's own ``SummaryWriter`` or ``tf.summary``).
 
 docs/plugins.md shows a complete adapter.
 """
@@ -42,6 +45,7 @@ from ._stats import (
     orthogonal_norms,
     sample_stride,
 )
+from ._tensorboard import TensorBoardSink, tensorboard_sink
 from ._validate import choice, fraction, positive_int
 
 __all__ = [
@@ -62,6 +66,7 @@ __all__ = [
     "RunContext",
     "RunInfo",
     "StepStats",
+    "TensorBoardSink",
     "TensorLayout",
     "activation_stats",
     "check_options",
@@ -74,4 +79,5 @@ __all__ = [
     "positive_int",
     "sample_stride",
     "step_stats",
+    "tensorboard_sink",
 ]

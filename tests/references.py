@@ -43,3 +43,38 @@ def orthogonal_norm(grads: Sequence[np.ndarray], weights: Sequence[np.ndarray]) 
         w64 = np.asarray(w, np.float64).reshape(-1)
         total += float(g64 @ g64 - (g64 @ w64) ** 2 / (w64 @ w64))
     return math.sqrt(total)
+
+
+class StatsLog:
+    """A run plugin (``plugins=[log]``) keeping every check's StepStats, in order: the numbers
+    the sinks were handed, for tests that compare what a sink wrote with them."""
+
+    def __init__(self) -> None:
+        self.stats: list[kit.StepStats] = []
+
+    @kit.hookimpl
+    def gradwatch_step_stats(self, stats: kit.StepStats) -> None:
+        self.stats.append(stats)
+
+
+class FakeWriter:
+    """Records calls like a SummaryWriter would receive them."""
+
+    def __init__(self) -> None:
+        self.scalars: list[tuple[str, float, int]] = []
+        self.texts: list[tuple[str, str, int]] = []
+        self.flushes = 0
+        self.closes = 0
+
+    def add_scalar(self, tag, value, global_step):
+        assert isinstance(value, float) and isinstance(global_step, int)
+        self.scalars.append((tag, value, global_step))
+
+    def add_text(self, tag, text, global_step):
+        self.texts.append((tag, text, global_step))
+
+    def flush(self):
+        self.flushes += 1
+
+    def close(self):
+        self.closes += 1

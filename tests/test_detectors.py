@@ -1084,6 +1084,20 @@ class TestUpdateRatio:
         assert (f.kind, f.layer, f.step) == ("stalled_update", "l0", 2)
         assert f.evidence["layers"] == ["l0", "l1", "l2"]
 
+    def test_norm_gains_and_biases_are_not_judged_stalled(self):
+        # A LayerNorm gain (matrix=False) under Adam at a fine-tuning LR: ratio 4e-6, healthy.
+        from gradwatch import LayerInfo, ModelInfo, RunContext
+
+        det = UpdateRatioDetector(patience=1)
+        det.bind(RunContext(model=ModelInfo(framework="test"), layers=(
+            LayerInfo("ln", "LayerNorm", 64, matrix=False),
+            LayerInfo("fc", "Linear", 4096, matrix=True),
+            LayerInfo("unknown", "Layer", 10))))  # matrix=None: judged, as before
+        stats = make_step_stats(0, ("ln", "fc", "unknown"), [0.5, 1.0, 1.0],
+                                weight_norm=[8.0, 10.0, 10.0], update_ratio=[4e-6, 4e-6, 4e-6])
+        f = only(det.update(stats))
+        assert f.kind == "stalled_update" and f.evidence["layers"] == ["fc", "unknown"]
+
     def test_vanishing_gradient_is_not_a_stalled_update(self):
         layers = layer_names(3)
         ratio = bound(UpdateRatioDetector(patience=1), layers)

@@ -19,11 +19,13 @@ import keras
 from gradwatch import kit
 
 from ._fit import FitWatch
+from ._logs import EpochLogs
+from .plugin import tensorboard_opener
 
 logger = logging.getLogger("gradwatch")
 
 #: The options of this adapter, beside the core's.
-KERAS_OPTIONS = ("update_ratio", "sample_fraction")
+KERAS_OPTIONS = ("update_ratio", "sample_fraction", "tensorboard")
 
 
 class GradWatchCallback(keras.callbacks.Callback):
@@ -34,6 +36,11 @@ class GradWatchCallback(keras.callbacks.Callback):
             strided sample of every variable (about ``sample_fraction`` of its entries, at least
             32); ``"exact"`` uses every entry; ``"off"`` skips them.
         sample_fraction: Defaults to ``0.02``.
+        tensorboard: A log directory (str or os.PathLike: written with ``tf.summary`` on
+            TensorFlow, ``torch.utils.tensorboard.SummaryWriter`` on the torch backend, opened
+            at the first check of each fit and closed at its end) or a writer of the user's
+            (``add_scalar``/``add_text``/``flush``: flushed, not closed). Per-layer scalars
+            under ``gradwatch/`` on check steps, findings as text. Defaults to ``None``.
         **options: The core options (``check_every``, ``on_finding``, ``events``,
             ``detectors``, ``activation_every``, ``repeat_after``, ``name``, ``plugins``); see
             :class:`gradwatch.Monitor`.
@@ -53,13 +60,22 @@ class GradWatchCallback(keras.callbacks.Callback):
     async_safe = True
 
     def __init__(self, *, update_ratio: str = "sampled", sample_fraction: float = 0.02,
-                 **options: Any) -> None:
+                 tensorboard: Any = None, **options: Any) -> None:
         super().__init__()
         kit.check_options("GradWatchCallback", options, KERAS_OPTIONS)
         self.update_ratio = kit.choice("update_ratio", update_ratio, kit.UPDATE_RATIO_MODES)
         self.sample_fraction = kit.fraction("sample_fraction", sample_fraction)
+        self._epoch_logs = EpochLogs()
+        plugins = options.pop("plugins", ())
+        if not isinstance(plugins, (list, tuple)):
+            raise TypeError(f"plugins must be a list of plugin objects, got "
+                            f"{type(plugins).__name__}")
+        plugins = (*plugins, self._epoch_logs)
         #: The framework-neutral engine (findings, report, sinks).
-        self.monitor = kit.Monitor(kit.empty_context(), **options)
+        self.monitor = kit.Monitor(kit.empty_context(),
+                                   tensorboard=kit.tensorboard_sink(tensorboard,
+                                                                    tensorboard_opener),
+                                   plugins=plugins, **options)
         self._fit: FitWatch | None = None
         #: Activation sites of the fitted model by kind (set in ``on_train_begin``).
         self._activation_counts: dict[str, int] = {}
@@ -120,6 +136,9 @@ class GradWatchCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         if self._active:
             self._epoch_base = self._last_batch  # (Keras waits for the batch ends first)
+            # For the callbacks after this one (CSVLogger, TensorBoard, EarlyStopping, History)
+            self.monitor.guard("keras adapter (epoch logs)", self._epoch_logs.add, logs,
+                               self.monitor.findings)
 
     def on_train_end(self, logs: Any = None) -> None:
         fit = self._fit

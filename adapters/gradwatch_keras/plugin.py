@@ -4,10 +4,12 @@ loaded wherever gradwatch is, Keras installed or not."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from gradwatch import hookimpl
@@ -46,6 +48,55 @@ def configured_backend() -> str:
             return str(json.load(fh).get("backend", "tensorflow"))
     except (OSError, ValueError, AttributeError):
         return "tensorflow"
+
+
+def tensorboard_opener(logdir: str) -> Callable[[], Any]:
+    """For ``tensorboard=<log dir>``: a function opening a writer with what the backend
+    brings: PyTorch's ``SummaryWriter`` on the torch backend, ``tf.summary`` otherwise. A
+    clear ImportError now when what it writes through is missing."""
+    hint = (f"tensorboard={logdir!r} needs the tensorboard package: pip install tensorboard "
+            f"(or pass a writer object)")
+    if configured_backend() == "torch":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ImportError(hint) from exc
+        return functools.partial(SummaryWriter, log_dir=logdir)
+    try:
+        import tensorflow as tf
+    except ImportError as exc:
+        raise ImportError(hint.replace("tensorboard package: pip install tensorboard",
+                                       "tensorflow package: pip install tensorflow")) from exc
+    if not callable(getattr(tf.summary, "scalar", None)):  # tf.summary's ops come from it
+        raise ImportError(hint)
+    return functools.partial(TfSummaryWriter, logdir)
+
+
+class TfSummaryWriter:
+    """The writer interface gradwatch writes through (``add_scalar``, ``add_text``,
+    ``flush``, ``close``), on ``tf.summary``'s file writer (TF2 summaries: TensorBoard and
+    ``EventAccumulator.Tensors`` read them)."""
+
+    def __init__(self, logdir: str) -> None:
+        import tensorflow as tf
+
+        self._tf = tf
+        #: The ``tf.summary`` file writer.
+        self.writer = tf.summary.create_file_writer(logdir)
+
+    def add_scalar(self, tag: str, value: float, global_step: int) -> None:
+        with self.writer.as_default():
+            self._tf.summary.scalar(tag, value, step=global_step)
+
+    def add_text(self, tag: str, text: str, global_step: int) -> None:
+        with self.writer.as_default():
+            self._tf.summary.text(tag, text, step=global_step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 class KerasRunner(ExperimentRunner):

@@ -89,7 +89,11 @@ def rescan(model: nn.Module, layers: list[Layer], hooked: set[int], outside: int
     changed = layer_changes(layers, now)
     messages = list(changed or ())
     taking = {id(p) for layer in layers for p in layer.params if p.requires_grad}
-    rehook = changed is None and taking != hooked
+    # Only a tensor that takes gradients unhooked calls for new hooks: one frozen since keeps
+    # its hook, which never fires. Lightning's toggle_optimizer freezes the other optimizers'
+    # parameters during each optimizer's step, where the check runs; unhooking them there
+    # would miss every backward pass of the other optimizers from then on.
+    rehook = changed is None and not taking <= hooked
     if rehook:
         messages.append(f"tensors with gradients: {len(hooked)} -> {len(taking)}")
     count = outside_tensors(model, optimizer)

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,10 +38,11 @@ from ._readout import StepWindow, read
 from ._rescan import RescanSchedule, outside_tensors, rescan
 from ._structure import probe_residual
 from ._tensors import WatchedTensors
+from .plugin import tensorboard_opener
 
 logger = logging.getLogger("gradwatch")
 
-TORCH_OPTIONS = ("scaler", "update_ratio", "sample_fraction", "ranks")
+TORCH_OPTIONS = ("scaler", "update_ratio", "sample_fraction", "ranks", "tensorboard")
 
 
 class TorchWatcher:
@@ -66,6 +69,11 @@ class TorchWatcher:
             ``"all"`` (rank N > 0 writes its events to ``<name>.rank<N><ext>``). Every rank
             measures and keeps ``findings``; strict mode raises on every rank. Defaults to
             ``"zero"``.
+        tensorboard: A log directory (str or os.PathLike: gradwatch opens a
+            ``torch.utils.tensorboard.SummaryWriter`` there and closes it at ``remove()``) or a
+            writer of the user's (``add_scalar``/``add_text``/``flush``: flushed, not closed).
+            Per-layer scalars under ``gradwatch/`` on check steps, findings as text. Only rank
+            0 writes under ``torch.distributed``. Defaults to ``None``.
         **options: The core options (``check_every``, ``on_finding``, ``events``,
             ``detectors``, ``activation_every``, ``repeat_after``, ``name``, ``plugins``); see
             :class:`gradwatch.Monitor`.
@@ -73,7 +81,7 @@ class TorchWatcher:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  scaler: Any = None, update_ratio: str = "sampled", sample_fraction: float = 0.02,
-                 ranks: str = "zero", **options: Any) -> None:
+                 ranks: str = "zero", tensorboard: Any = None, **options: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         optimizer = real_optimizer(optimizer)
@@ -85,6 +93,8 @@ class TorchWatcher:
         #: This process's rank and the world size (0 and 1 without torch.distributed).
         self.rank, self.world_size = rank_and_world()
         emits = emitting(self.rank, self.ranks, options)
+        # One event stream per run: rank 0's, whatever ``ranks`` says.
+        board = kit.tensorboard_sink(tensorboard, tensorboard_opener, write=self.rank == 0)
         was_compiled = compiled(model)
         model = unwrap(model)  # DDP / DataParallel / torch.compile: the user's own module
         self._model_ref = weakref.ref(model)
@@ -93,7 +103,7 @@ class TorchWatcher:
         # A rank that does not emit still keeps findings, and strict mode still stops it.
         self.monitor = kit.Monitor(kit.RunContext(model=model_info(model, optimizer),
                                                   layers=layer_infos(self._layers)),
-                                   emit=emits, **options)
+                                   emit=emits, tensorboard=board, **options)
         self._hooks = HookSet()
         self._removed = False
         self._step = 0  # completed optimizer steps
@@ -112,10 +122,12 @@ class TorchWatcher:
             output_hook=optimizer is not None and not was_compiled and not sharded)
         self._sampler = ActivationSampler(self._hooks, self.monitor.guard)
         self._build(model)
+        #: The optimizers whose steps are this run's steps (several: see ``_add_optimizer``).
+        self._optimizers: list[weakref.ref] = []
+        #: The optimizer taking the step in progress (``None``: not known, or no optimizer).
+        self._stepping: weakref.ref | None = None
         if optimizer is not None:
-            pre, post = _call(ref, "_on_pre_step"), _call(ref, "_on_post_step")
-            self._hooks.add(optimizer.register_step_pre_hook(lambda opt, args, kwargs: pre()))
-            self._hooks.add(optimizer.register_step_post_hook(lambda opt, args, kwargs: post()))
+            self._add_optimizer(optimizer)
         for handle in probe_residual(model, _call(ref, "_on_residual"), is_compiling):
             self._hooks.add(handle)
         self.monitor.start()
@@ -124,6 +136,27 @@ class TorchWatcher:
 
     def _optimizer(self) -> torch.optim.Optimizer | None:
         return self._opt_ref() if self._opt_ref is not None else None
+
+    def _add_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Count ``optimizer``'s steps as this run's steps. Beside the one given to the watcher,
+        another optimizer of the same model (Lightning's several optimizers, a GAN's generator
+        and discriminator taking turns): a check step's update ratios are then those of the
+        parameters the optimizer taking that step holds; the others did not move in it, and a
+        ratio of 0 would read as stalled weights."""
+        ref = weakref.ref(self)
+        self._optimizers.append(weakref.ref(optimizer))
+        pre, post = _call(ref, "_on_pre_step"), _call(ref, "_on_post_step")
+        self._hooks.add(optimizer.register_step_pre_hook(lambda opt, args, kwargs: pre(opt)))
+        self._hooks.add(optimizer.register_step_post_hook(lambda opt, args, kwargs: post()))
+
+    def _not_stepped(self) -> np.ndarray | None:
+        """With several optimizers: which watched tensors the optimizer that took the check
+        step does not hold (their update ratio is not measured); ``None`` with one."""
+        stepping = self._stepping() if self._stepping is not None else None
+        if len(self._optimizers) < 2 or stepping is None:
+            return None
+        held = {id(p) for group in stepping.param_groups for p in group["params"]}
+        return np.array([id(p) not in held for p in self._tensors.params], dtype=bool)
 
     def _build(self, model: nn.Module) -> None:
         """What depends on the layer list (at watch time, and after the model changed); the
@@ -159,7 +192,8 @@ class TorchWatcher:
             self._window.drop_pending()
         self._scale_seen = now
 
-    def _on_pre_step(self) -> None:
+    def _on_pre_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        self._stepping = weakref.ref(optimizer) if optimizer is not None else None
         slot = self._step % self._window.size
         scaler = self._scale.find()
         self._drop_skipped()
@@ -234,6 +268,11 @@ class TorchWatcher:
         record, totals = read(measured, self._window, self._tensors.recorder.had_grad(),
                               self._sampler.take(), self._tensors.device)
         self._clipping_seen = self._clipping_seen or totals.clipped
+        idle = self._not_stepped()
+        if idle is not None and record.update_sq is not None and idle.any():
+            record = dataclasses.replace(
+                record, update_sq=np.where(idle, math.nan, record.update_sq),
+                update_base_sq=np.where(idle, math.nan, record.update_base_sq))
         self.monitor.update_model(
             learning_rates=learning_rates(self._optimizer())
             or self.monitor.context.model.learning_rates,

@@ -4,9 +4,11 @@ loaded wherever gradwatch is, torch installed or not."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from gradwatch import hookimpl
@@ -24,6 +26,18 @@ def gradwatch_claim_model(model: Any, options: dict[str, Any]) -> Any | None:
     from ._watcher import TorchWatcher
 
     return TorchWatcher(model, **options)
+
+
+def tensorboard_opener(logdir: str) -> Callable[[], Any]:
+    """For ``tensorboard=<log dir>``: a function opening
+    ``torch.utils.tensorboard.SummaryWriter(logdir)``; a clear ImportError now when the
+    tensorboard package (which it writes through) is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ImportError(f"tensorboard={logdir!r} needs the tensorboard package: pip install "
+                          f"tensorboard (or pass a writer object)") from exc
+    return functools.partial(SummaryWriter, log_dir=logdir)
 
 
 class TorchRunner(ExperimentRunner):

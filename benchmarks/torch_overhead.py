@@ -183,6 +183,20 @@ class GradWatchNoChecks(GradWatch):
     options = {"check_every": 10_000, "activation_every": 10_000}
 
 
+class GradWatchTensorBoard(GradWatch):
+    """The default watcher writing every check to TensorBoard (``tensorboard=`` a temporary
+    log directory: torch's SummaryWriter), so this minus ``gradwatch-default`` is the sink."""
+
+    def setup(self) -> None:
+        self._logdir = tempfile.TemporaryDirectory()
+        self.options = {"tensorboard": self._logdir.name}
+        super().setup()
+
+    def close(self) -> None:
+        super().close()  # remove(): the writer is flushed and closed
+        self._logdir.cleanup()
+
+
 class GradWatchExact(GradWatch):
     options = {"update_ratio": "exact"}
 
@@ -322,6 +336,7 @@ CONFIGS: dict[str, type[Config]] = {
     "gradwatch-default": GradWatchDefault,
     "gradwatch-every-step": GradWatchEveryStep,
     "gradwatch-no-checks": GradWatchNoChecks,
+    "gradwatch-tensorboard": GradWatchTensorBoard,
     "floor": Floor,
     "naive-item": NaiveItem,
     "detect-anomaly": DetectAnomaly,

@@ -111,3 +111,20 @@ def test_torch_benchmark_refuses_quick_with_the_settings_quick_overrides():
          "--rounds", "30", "--steps", "100"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "drop --rounds, --steps or drop --quick" in proc.stderr
+
+
+@pytest.mark.parametrize("script, args, ratio", [
+    pytest.param("lightning_overhead.py", ["--rounds", "1", "--steps", "20"],
+                 lambda n: n["ratio"], id="lightning"),
+    pytest.param("hf_trainer_overhead.py", ["--quick"],
+                 lambda n: n["results"]["step_ms"]["paired_ratio"], id="hf-trainer"),
+])
+def test_trainer_benchmarks_run_and_write_their_numbers(script, args, ratio, tmp_path):
+    pytest.importorskip("lightning" if script.startswith("lightning") else "transformers")
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args,
+                           "--json", str(out)], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    value = ratio(json.loads(out.read_text()))
+    assert math.isfinite(value) and value > 0  # timings are not asserted (a shared machine)

@@ -197,6 +197,13 @@ class GradWatchTensorBoard(GradWatch):
         self._logdir.cleanup()
 
 
+class GradWatchGuard(GradWatch):
+    """The default watcher with ``guard="skip"``: one finiteness check and one host sync
+    before every optimizer step (docs/guard.md)."""
+
+    options = {"guard": "skip"}
+
+
 class GradWatchExact(GradWatch):
     options = {"update_ratio": "exact"}
 
@@ -337,6 +344,7 @@ CONFIGS: dict[str, type[Config]] = {
     "gradwatch-every-step": GradWatchEveryStep,
     "gradwatch-no-checks": GradWatchNoChecks,
     "gradwatch-tensorboard": GradWatchTensorBoard,
+    "gradwatch-guard": GradWatchGuard,
     "floor": Floor,
     "naive-item": NaiveItem,
     "detect-anomaly": DetectAnomaly,

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import _manager
+from . import _advice, _manager
 from . import _validate as v
 from ._context import RunContext, RunInfo
 from ._detectors import Detector
@@ -171,6 +171,7 @@ class Monitor:
         self._steps = 0
         self._checks = 0
         self._suppressed = 0
+        self._skipped = 0
         self._loss_first = math.nan
         self._loss_last = math.nan
         self._ended = False
@@ -309,6 +310,36 @@ class Monitor:
                        step=stats.step)
         return emitted
 
+    def step_skipped(self, step: int, bad_layers: Sequence[int]) -> Finding | None:
+        """The adapter's guard did not apply optimizer step ``step``: the gradients of the
+        layers ``bad_layers`` (indices into the context's layers) were not finite. Counted in
+        ``report().skipped_steps``; a ``nonfinite`` warning naming the first of them is told
+        now, at that step (not at the next check), unless one was told within
+        ``repeat_after`` steps. Returns the finding told, or ``None``."""
+        self.start()
+        self._skipped += 1
+        names = [self.context.layers[i].name for i in bad_layers
+                 if 0 <= i < len(self.context.layers)]
+        layer = names[0] if names else None
+        where = (f"the gradients of {self.context.span(list(bad_layers))} are non-finite"
+                 if names else "the gradients are non-finite")
+        finding = Finding(
+            kind="nonfinite", step=step, layer=layer, value=math.nan, threshold=math.inf,
+            message=(f"step {step}: {where}; the guard skipped this optimizer step, so the "
+                     f"weights and the optimizer state are as they were before it "
+                     f"({self._skipped} skipped so far)."),
+            advice=_advice.nonfinite(self.context, in_loss_only=False),
+            evidence={"layers": names, "skipped": True})
+        key = (finding.kind, finding.layer)
+        last = self._last_start.get(key)
+        if last is not None and step - last < self.repeat_after:
+            self._suppressed += 1
+            return None
+        self._last_start[key] = step
+        self.findings.append(finding)
+        self._call("gradwatch_finding", run=self.run_info, finding=finding)
+        return finding
+
     def _judge(self, stats: StepStats,
                results: list[tuple[Detector, list[Finding]]]) -> list[tuple[Detector, list[Finding]]]:
         """Give each finding of this check its severity from the run as a whole."""
@@ -387,7 +418,8 @@ class Monitor:
                       checks=self._checks, layers=rows, findings=tuple(self.findings),
                       suppressed=self._suppressed,
                       internal_errors=tuple(f"{k}: {e}" for k, e in self._errors.items()),
-                      loss_first=self._loss_first, loss_last=self._loss_last)
+                      loss_first=self._loss_first, loss_last=self._loss_last,
+                      skipped_steps=self._skipped)
 
     def end(self) -> Report:
         """Finish the run: the summary goes to the log and the event file (once)."""

@@ -64,6 +64,9 @@ class Report:
     #: First and last finite loss seen.
     loss_first: float = math.nan
     loss_last: float = math.nan
+    #: Optimizer steps the guard (``guard="skip"``) did not apply: their gradients were not
+    #: finite, and the weights and optimizer state stayed as they were.
+    skipped_steps: int = 0
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready digest: counts per finding kind, layers flagged, loss."""
@@ -76,6 +79,7 @@ class Report:
             "loss_first": None if math.isnan(self.loss_first) else self.loss_first,
             "loss_last": None if math.isnan(self.loss_last) else self.loss_last,
             "internal_errors": list(self.internal_errors),
+            "skipped_steps": self.skipped_steps,
         }
 
     @property
@@ -94,6 +98,10 @@ class Report:
                 f"{len(self.findings) - len(self.warnings)} info"]
         if not math.isnan(self.loss_first):
             head.append(f"loss: {self.loss_first:.4g} (first) -> {self.loss_last:.4g} (last)")
+        if self.skipped_steps:
+            head.append(f"guard: {self.skipped_steps} optimizer step"
+                        f"{'s' if self.skipped_steps != 1 else ''} with non-finite gradients "
+                        f"skipped (weights and optimizer state left as they were)")
         cols = ("layer", "type", "params", "grad norm", "typical", "update/w", "w change", "flags")
         # Names and messages are the model's own strings: one line each, no escape sequences.
         rows = [cols] + [(

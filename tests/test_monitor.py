@@ -419,3 +419,18 @@ def test_a_detector_cannot_take_over_a_built_in_kind_or_name_a_non_warning(conte
     with pytest.raises(TypeError, match="'loss_spike_y' must be a subclass of "
                                         "gradwatch.GradientHealthWarning"):
         gradwatch.Monitor(context, detectors=[NotAWarning()])
+
+
+def test_skipped_steps_are_counted_and_told_once_per_repeat_after(context):
+    # A guard that skips every step from 10 to 209: 200 skips, told at 10 and again at 110.
+    mon = gradwatch.Monitor(context, repeat_after=100, on_finding="log")
+    told = [mon.step_skipped(step, [1]) for step in range(10, 210)]
+    assert [f.step for f in told if f is not None] == [10, 110]
+    report = mon.report()
+    assert report.skipped_steps == 200 and report.summary()["skipped_steps"] == 200
+    first = report.findings[0]
+    assert (first.kind, first.layer, first.is_warning) == ("nonfinite", context.layers[1].name,
+                                                           True)
+    assert first.evidence == {"layers": [context.layers[1].name], "skipped": True}
+    assert "the guard skipped this optimizer step" in first.message
+    assert "200 optimizer steps with non-finite gradients skipped" in str(report)

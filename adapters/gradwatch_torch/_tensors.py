@@ -5,6 +5,8 @@ model changes."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -111,3 +113,18 @@ class WatchedTensors:
         self.recorder.clear()
         if self.samples is not None:
             self.samples.clear()
+
+
+def unmeasured_updates(record: kit.CheckRecord, params: list[torch.Tensor],
+                       stepping: torch.optim.Optimizer | None) -> kit.CheckRecord:
+    """``record`` with the update ratio of the tensors ``stepping`` does not hold left
+    unmeasured (NaN): with several optimizers taking turns, the others' parameters did not move
+    in the check step, and a ratio of 0 would read as stalled weights."""
+    if stepping is None or record.update_sq is None:
+        return record
+    held = {id(p) for group in stepping.param_groups for p in group["params"]}
+    idle = np.array([id(p) not in held for p in params], dtype=bool)
+    if not idle.any():
+        return record
+    return dataclasses.replace(record, update_sq=np.where(idle, math.nan, record.update_sq),
+                               update_base_sq=np.where(idle, math.nan, record.update_base_sq))

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -32,17 +30,18 @@ from gradwatch import kit
 from ._activations import ActivationSampler
 from ._amp import LossScale
 from ._distributed import RANKS, compiled, emitting, is_sharded, rank_and_world, unwrap
+from ._guard import StepGuard, check_guard, guard_steps
 from ._hooks import BackwardTrigger, HookSet, is_compiling
 from ._model import Layer, collect_layers, layer_infos, learning_rates, model_info, real_optimizer
 from ._readout import StepWindow, read
 from ._rescan import RescanSchedule, outside_tensors, rescan
 from ._structure import probe_residual
-from ._tensors import WatchedTensors
+from ._tensors import WatchedTensors, unmeasured_updates
 from .plugin import tensorboard_opener
 
 logger = logging.getLogger("gradwatch")
 
-TORCH_OPTIONS = ("scaler", "update_ratio", "sample_fraction", "ranks", "tensorboard")
+TORCH_OPTIONS = ("scaler", "update_ratio", "sample_fraction", "ranks", "tensorboard", "guard")
 
 
 class TorchWatcher:
@@ -69,6 +68,11 @@ class TorchWatcher:
             ``"all"`` (rank N > 0 writes its events to ``<name>.rank<N><ext>``). Every rank
             measures and keeps ``findings``; strict mode raises on every rank. Defaults to
             ``"zero"``.
+        guard: ``"skip"``: an optimizer step whose gradients are not all finite is not
+            applied (the weights and the optimizer state stay as they were), a ``nonfinite``
+            warning names the layers at that step, and ``report().skipped_steps`` counts it.
+            Costs one host synchronisation a step (docs/guard.md). Needs ``optimizer``; not
+            with LBFGS. Defaults to ``None`` (off).
         tensorboard: A log directory (str or os.PathLike: gradwatch opens a
             ``torch.utils.tensorboard.SummaryWriter`` there and closes it at ``remove()``) or a
             writer of the user's (``add_scalar``/``add_text``/``flush``: flushed, not closed).
@@ -81,10 +85,13 @@ class TorchWatcher:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  scaler: Any = None, update_ratio: str = "sampled", sample_fraction: float = 0.02,
-                 ranks: str = "zero", tensorboard: Any = None, **options: Any) -> None:
+                 ranks: str = "zero", tensorboard: Any = None, guard: str | None = None,
+                 **options: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         optimizer = real_optimizer(optimizer)
+        #: ``"skip"``: optimizer steps with non-finite gradients are not applied.
+        self.guard = check_guard(guard, optimizer)
         kit.check_options("gradwatch.torch.watch", options, ("optimizer",) + TORCH_OPTIONS)
         self._scale = LossScale(scaler)
         self.update_ratio = kit.choice("update_ratio", update_ratio, kit.UPDATE_RATIO_MODES)
@@ -126,13 +133,15 @@ class TorchWatcher:
         self._optimizers: list[weakref.ref] = []
         #: The optimizer taking the step in progress (``None``: not known, or no optimizer).
         self._stepping: weakref.ref | None = None
+        #: The guards on the optimizers' steps (``guard="skip"``).
+        self._guards: list[StepGuard] = []
         if optimizer is not None:
             self._add_optimizer(optimizer)
         for handle in probe_residual(model, _call(ref, "_on_residual"), is_compiling):
             self._hooks.add(handle)
         self.monitor.start()
         # A watcher dropped without remove() takes its hooks with it when collected.
-        weakref.finalize(self, self._hooks.clear)
+        weakref.finalize(self, _release, self._hooks, self._guards)
 
     def _optimizer(self) -> torch.optim.Optimizer | None:
         return self._opt_ref() if self._opt_ref is not None else None
@@ -148,15 +157,17 @@ class TorchWatcher:
         pre, post = _call(ref, "_on_pre_step"), _call(ref, "_on_post_step")
         self._hooks.add(optimizer.register_step_pre_hook(lambda opt, args, kwargs: pre(opt)))
         self._hooks.add(optimizer.register_step_post_hook(lambda opt, args, kwargs: post()))
+        if self.guard == "skip":
+            check_guard(self.guard, optimizer)  # LBFGS is refused by name
+            self._guards.append(guard_steps(weakref.ref(self), optimizer, self.world_size > 1))
 
-    def _not_stepped(self) -> np.ndarray | None:
-        """With several optimizers: which watched tensors the optimizer that took the check
-        step does not hold (their update ratio is not measured); ``None`` with one."""
-        stepping = self._stepping() if self._stepping is not None else None
-        if len(self._optimizers) < 2 or stepping is None:
-            return None
-        held = {id(p) for group in stepping.param_groups for p in group["params"]}
-        return np.array([id(p) not in held for p in self._tensors.params], dtype=bool)
+    def _on_skipped(self, layers: list[int]) -> None:
+        """The guard did not apply the step in progress: it is no step. Its losses are dropped
+        and its backward forgotten (the next one fills the same slot); the monitor tells the
+        finding now."""
+        self._window.drop_pending()
+        self._tensors.recorder.seen = False
+        self.monitor.step_skipped(self._step + 1, layers)
 
     def _build(self, model: nn.Module) -> None:
         """What depends on the layer list (at watch time, and after the model changed); the
@@ -268,11 +279,9 @@ class TorchWatcher:
         record, totals = read(measured, self._window, self._tensors.recorder.had_grad(),
                               self._sampler.take(), self._tensors.device)
         self._clipping_seen = self._clipping_seen or totals.clipped
-        idle = self._not_stepped()
-        if idle is not None and record.update_sq is not None and idle.any():
-            record = dataclasses.replace(
-                record, update_sq=np.where(idle, math.nan, record.update_sq),
-                update_base_sq=np.where(idle, math.nan, record.update_base_sq))
+        if len(self._optimizers) > 1 and self._stepping is not None:
+            # Several optimizers: the others' parameters did not move in this step.
+            record = unmeasured_updates(record, self._tensors.params, self._stepping())
         self.monitor.update_model(
             learning_rates=learning_rates(self._optimizer())
             or self.monitor.context.model.learning_rates,
@@ -337,6 +346,9 @@ class TorchWatcher:
         if not self._removed:
             self._removed = True
             self._hooks.clear()
+            for guard in self._guards:
+                guard.remove()
+            self._guards = []
             # Every tensor of the model's (parameters, through the layer list too, and their
             # gradients' samples) goes: the report, kept by the watcher, needs none of them.
             for layer in self._layers:
@@ -369,6 +381,13 @@ class TorchWatcher:
     def layers(self) -> Iterator[str]:
         """Names of the watched layers in depth order."""
         return (layer.name for layer in self._layers)
+
+
+def _release(hooks: HookSet, guards: list[StepGuard]) -> None:
+    """What a watcher dropped without ``remove()`` leaves behind goes with it."""
+    hooks.clear()
+    for guard in guards:
+        guard.remove()
 
 
 def _call(ref: weakref.ref, method: str) -> Callable[..., None]:

@@ -84,10 +84,11 @@ class Recorder:
 
 
 def train(model: nn.Module, rank: int | None, watch_target=None, micro: int = 1,
-          **options) -> dict:
+          nan_at: tuple[int, int] | None = None, **options) -> dict:
     """Train STEPS steps (watching when ``watch_target`` is given); what the rank saw.
     ``micro > 1``: each step accumulates that many micro-batches, all but the last under
-    DDP's ``no_sync()`` (the loss divided by ``micro``: the step's gradient is the batch's)."""
+    DDP's ``no_sync()`` (the loss divided by ``micro``: the step's gradient is the batch's).
+    ``nan_at=(step, rank)``: that rank's batch at that step holds one NaN input."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     recorder = Recorder()
     called: list[str] = []
@@ -109,6 +110,9 @@ def train(model: nn.Module, rank: int | None, watch_target=None, micro: int = 1,
                 w = gradwatch.torch.watch(watch_target, optimizer=opt, plugins=[recorder],
                                           **options)
             for step, (xb, yb) in enumerate(batches(rank), start=1):
+                if nan_at is not None and (step, rank) == nan_at:
+                    xb = xb.clone()
+                    xb[0, 0] = float("nan")
                 opt.zero_grad()
                 chunks = list(zip(xb.chunk(micro), yb.chunk(micro)))
                 for i, (xc, yc) in enumerate(chunks):
@@ -130,6 +134,11 @@ def train(model: nn.Module, rank: int | None, watch_target=None, micro: int = 1,
         logger.removeHandler(handler)
         logger.setLevel(old_level)
     out["findings"] = [[f.kind, f.layer, f.step] for f in w.findings] if w else []
+    out["skipped_steps"] = w.report().skipped_steps if w else 0
+    with torch.no_grad():
+        weights = [_distributed_full(p) for p in model.parameters()]
+    out["weights_finite"] = all(bool(torch.isfinite(t).all()) for t in weights)
+    out["weights"] = [float(t.double().sum()) for t in weights]
     out["stats"] = recorder.rows
     out["warnings"] = sum(issubclass(c.category, gradwatch.GradientHealthWarning) for c in caught)
     out["internal_warnings"] = [str(c.message) for c in caught
@@ -137,6 +146,11 @@ def train(model: nn.Module, rank: int | None, watch_target=None, micro: int = 1,
     out["log_records"] = len(records)
     out["called"] = called
     return out
+
+
+def _distributed_full(p: torch.Tensor) -> torch.Tensor:
+    """A parameter as a plain tensor (a DTensor gathered: every rank takes part)."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
 
 
 def worker(rank: int, port: int, outdir: str) -> None:
@@ -183,7 +197,7 @@ def worker(rank: int, port: int, outdir: str) -> None:
     run("ddp_no_sync", lambda: ddp(True, micro=2, check_every=CHECK_EVERY))
     run("ddp_check_every_differs", lambda: ddp(True, check_every=CHECK_EVERY if rank == 0 else 7))
 
-    def fsdp():
+    def fsdp(**options):
         from torch.distributed.fsdp import fully_shard
 
         model = deep_sigmoid()
@@ -192,10 +206,13 @@ def worker(rank: int, port: int, outdir: str) -> None:
                 fully_shard(layer)
         fully_shard(model)
         assert all(type(p).__name__ == "DTensor" for p in model.parameters())
-        return train(model, rank, model, check_every=CHECK_EVERY, update_ratio="exact",
-                     activation_every=None)
+        return train(model, rank, model, check_every=CHECK_EVERY, **options)
 
-    run("fsdp", fsdp)
+    run("fsdp", lambda: fsdp(update_ratio="exact", activation_every=None))
+    # guard="skip", rank 1's batch at step 12 holds a NaN: every rank skips that step.
+    run("ddp_guard", lambda: ddp(True, check_every=CHECK_EVERY, guard="skip", nan_at=(12, 1)))
+
+    run("fsdp_guard", lambda: fsdp(guard="skip", nan_at=(12, 1)))
     if rank == 0:
         run("single_exact", lambda: train(model := deep_sigmoid(), None, model,
                                           check_every=CHECK_EVERY, update_ratio="exact",
@@ -281,8 +298,10 @@ def test_ddp_findings_match_the_single_process_run_on_every_rank(ranks):
     for name in ("ddp_zero", "ddp_all", "ddp_callable_zero"):
         assert r0[name]["findings"] == expected, name
         assert r1[name]["findings"] == expected, name  # kept on rank 1 even when it is silent
-    # No collective from gradwatch under DDP.
-    assert all(r[name]["collectives"] == 0 for r in (r0, r1) for name in r if name != "fsdp")
+    # No collective from gradwatch under DDP (FSDP2 sums shards; the guard all-reduces its
+    # flag through torch.distributed itself, see test_the_guard_skips_the_same_step_...).
+    assert all(r[name]["collectives"] == 0 for r in (r0, r1) for name in r
+               if not name.startswith("fsdp"))
 
 
 @spawned
@@ -390,3 +409,17 @@ def test_ranks_option_is_validated():
 if __name__ == "__main__":
     worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
     sys.exit(0)
+
+
+@spawned
+@pytest.mark.parametrize("scenario", ["ddp_guard", "fsdp_guard"])
+def test_the_guard_skips_the_same_step_on_every_rank(ranks, scenario):
+    # Only rank 1's batch is bad; the flag is all-reduced, so both ranks skip step 12 and stay
+    # in step: their weights are equal and finite at the end.
+    (r0, r1), _ = ranks
+    r0, r1 = r0[scenario], r1[scenario]
+    for r in (r0, r1):
+        assert r["error"] is None and not r["internal_warnings"], r
+        assert r["skipped_steps"] == 1 and r["weights_finite"]
+        assert ["nonfinite", 12] in [[kind, step] for kind, _, step in r["findings"]]
+    assert r0["weights"] == pytest.approx(r1["weights"], rel=1e-6)

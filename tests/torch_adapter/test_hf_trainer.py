@@ -350,3 +350,21 @@ def test_the_docs_example_runs(tmp_path, monkeypatch):
     scope = {"__name__": "example"}
     exec(compile(code, "docs/integrations/transformers.md", "exec"), scope)
     assert scope["trainer"].state.global_step == scope["cb"].report().steps > 0
+
+
+def test_the_guard_skips_a_nan_batch_behind_accelerates_optimizer(tmp_path):
+    torch.manual_seed(0)
+    data = XorData(640)
+    data.x[6 * 32 + 3, 0] = float("nan")  # in the 7th batch (no shuffling: see sampler below)
+    model = SigmoidMLP(depth=2)
+    cb = GradWatchCallback(guard="skip")
+    trainer = Trainer(model=model, args=targs(tmp_path, max_steps=20, optim="adamw_torch",
+                                              learning_rate=1e-2, per_device_train_batch_size=32,
+                                              train_sampling_strategy="sequential"),
+                      train_dataset=data, callbacks=[cb])
+    trainer.train()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    report = cb.report()
+    assert report.skipped_steps == 1
+    assert [f.step for f in report.findings if f.kind == "nonfinite"] == [7]
+    assert trainer.state.global_step == 20 and report.steps == 19

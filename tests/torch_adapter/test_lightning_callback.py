@@ -363,3 +363,28 @@ def test_ddp_spawn_on_two_processes_logs_and_reports_from_rank_zero(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("run*.jsonl")) == ["run.jsonl"]  # rank 0's
     kinds = [json.loads(line).get("kind") for line in events.read_text().splitlines()]
     assert "vanishing_gradient" in kinds
+
+
+def test_the_guard_skips_a_nan_batch_under_lightnings_closure():
+    # Automatic optimization passes a closure to optimizer.step: the guard runs it (forward,
+    # backward, clipping), finds the NaN gradient and does not apply the step.
+    pl = package("lightning.pytorch")
+    cb = GradWatchCallback(guard="skip")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(640, 16, generator=gen)
+    y = x[:, :4].argmax(1)
+    x[6 * 32 + 3, 5] = float("nan")  # in the 7th batch
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    module = module_class(pl)(depth=3, lr=1e-2)
+    trainer = pl.Trainer(max_steps=20, accelerator="cpu", devices=1, logger=False,
+                         callbacks=[cb], enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, gradient_clip_val=1.0)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        trainer.fit(module, data)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    report = cb.report()
+    assert report.skipped_steps == 1
+    assert [f.step for f in report.findings if f.kind == "nonfinite"] == [7]
+    # Lightning counts the call it made; gradwatch counts applied steps
+    assert trainer.global_step == 20 and report.steps == 19

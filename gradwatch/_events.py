@@ -28,6 +28,7 @@ _NUMERIC: dict[str, tuple[str, ...]] = {
     "stats": ("loss", "grad_norm", "grad_max", "grad_nonfinite", "grad_zero_fraction",
               "weight_norm", "update_ratio", "weight_change", "grad_norm_orthogonal"),
     "finding": ("value", "threshold"),
+    "window": ("grad_norm", "loss"),
 }
 _ACTIVATION_NUMERIC = ("dead_fraction", "saturated_fraction")
 
@@ -85,6 +86,9 @@ class RunLog:
     #: The ``end`` event's summary, or ``None`` if the run did not end cleanly.
     summary: dict[str, Any] | None
     truncated: bool = False
+    #: Per warning, the window of steps before it: ``{"step", "kind", "layer", "steps" [W],
+    #: "grad_norm" [W, L], "has_grad" [W, L], "loss" [W]}`` (numpy arrays).
+    windows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def ended(self) -> bool:
@@ -243,6 +247,7 @@ class _RunBuilder:
         self.update_ratio: np.ndarray | None = None
         self.findings: list[Finding] = []
         self.cleared: list[dict[str, Any]] = []
+        self.windows: list[dict[str, Any]] = []
         self.summary: dict[str, Any] | None = None
 
     def add(self, event: dict[str, Any]) -> None:
@@ -253,6 +258,8 @@ class _RunBuilder:
             self.findings.append(Finding.from_dict(event))
         elif kind == "cleared":
             self.cleared.append({k: event.get(k) for k in ("step", "kind", "layer", "since")})
+        elif kind == "window":
+            self.windows.append(self._window(event))
         elif kind == "end":
             summary = event.get("summary")
             self.summary = dict(summary) if isinstance(summary, Mapping) else {}
@@ -285,6 +292,23 @@ class _RunBuilder:
             if event.get(key) is not None:
                 setattr(self, key, _list_of(event[key], n, f"field {key!r}"))
 
+    def _window(self, event: dict[str, Any]) -> dict[str, Any]:
+        steps, grad, has = event.get("steps"), event.get("grad_norm"), event.get("has_grad")
+        if not isinstance(steps, list) or not isinstance(grad, list) or len(grad) != len(steps):
+            raise ValueError("fields 'steps' and 'grad_norm' must be lists of the same length")
+        n = len(self.layers)
+        rows = np.array([_list_of(row, n, "field 'grad_norm'") for row in grad],
+                        dtype=float).reshape(len(steps), n)
+        mask = np.ones(rows.shape, dtype=bool)
+        if isinstance(has, list) and len(has) == len(steps):
+            mask = np.array([_list_of(h, n, "field 'has_grad'") for h in has],
+                            dtype=bool).reshape(rows.shape)
+        loss = event.get("loss")
+        return {"step": event.get("step"), "kind": event.get("kind"), "layer": event.get("layer"),
+                "steps": np.asarray(steps, dtype=int), "grad_norm": rows, "has_grad": mask,
+                "loss": np.asarray(loss if isinstance(loss, list) and len(loss) == len(steps)
+                                   else [math.nan] * len(steps), dtype=float)}
+
     def build(self, truncated: bool) -> RunLog:
         n = len(self.layers)
         return RunLog(
@@ -296,7 +320,7 @@ class _RunBuilder:
             loss=np.asarray(self.loss, dtype=float),
             weight_change=self.weight_change, update_ratio=self.update_ratio,
             findings=self.findings, cleared=self.cleared, summary=self.summary,
-            truncated=truncated,
+            truncated=truncated, windows=self.windows,
         )
 
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 import html
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from ._events import RunLog, first_last_ratio, weight_change_percent
+from ._findings import Finding
 from ._report import plain
 
 # -- escaping --------------------------------------------------------------------------------
@@ -84,6 +85,58 @@ def layer_table(run: RunLog) -> list[dict[str, Any]]:
     return rows
 
 
+#: A layer "moves" in a window when its gradient norm gets this many times larger or smaller
+#: than at the window's first step with a finite, positive norm (or stops being finite).
+MOVE_FACTOR = 10.0
+
+
+def window_moves(window: dict[str, Any], layers: Sequence[str]) -> list[tuple[str, int, str]]:
+    """Which layers moved in the window before a warning, first first: ``(layer, step, how)``,
+    ``how`` being ``"12x"``, ``"0.05x"`` (of its norm at the window's start) or
+    ``"non-finite"``."""
+    steps, grad, has = window["steps"], window["grad_norm"], window["has_grad"]
+    moves = []
+    for j, name in enumerate(layers):
+        col = grad[:, j]
+        ok = has[:, j] & np.isfinite(col) & (col > 0)
+        first = np.flatnonzero(has[:, j])
+        if not first.size:
+            continue  # no gradient in the window
+        base = col[np.flatnonzero(ok)[0]] if ok.any() else math.nan
+        for i in range(len(steps)):
+            value = col[i]
+            if not has[i, j]:
+                continue  # no gradient at this step
+            if not np.isfinite(value):
+                moves.append((name, int(steps[i]), "non-finite"))
+                break
+            ratio = value / base
+            if not math.isfinite(ratio):
+                continue
+            if ratio >= MOVE_FACTOR or ratio <= 1 / MOVE_FACTOR:
+                moves.append((name, int(steps[i]), f"{ratio:.2g}x"))
+                break
+    return sorted(moves, key=lambda m: (m[1], layers.index(m[0])))
+
+
+def window_line(window: dict[str, Any], layers: Sequence[str], most: int = 3) -> str:
+    """One line on the window before a warning: which layer moved first."""
+    steps = window["steps"]
+    span = f"steps {int(steps[0])}-{int(steps[-1])}" if len(steps) else "no steps"
+    moves = window_moves(window, layers)
+    if not moves:
+        return (f"window {span}: no layer's gradient norm changed {MOVE_FACTOR:g}x within it "
+                f"(the change is older than the window)")
+    said = [f"'{plain(name)}' at step {step} ({how})" for name, step, how in moves[:most]]
+    more = f", and {len(moves) - most} more" if len(moves) > most else ""
+    return f"window {span}: moved first: " + ", then ".join(said) + more
+
+
+def _window_of(run: RunLog, f: Finding) -> dict[str, Any] | None:
+    return next((w for w in run.windows if w["step"] == f.step and w["kind"] == f.kind
+                 and w["layer"] == f.layer), None)
+
+
 def run_summary_text(run: RunLog) -> str:
     """A readable text summary of one run from its event file."""
     head = f"run {plain(run.name or '(unnamed)')!r}, framework {plain(run.framework)}: " \
@@ -115,6 +168,9 @@ def run_summary_text(run: RunLog) -> str:
             lines.append(f"- [{plain(f.kind)}] {plain(f.message)}")
             for a in f.advice:
                 lines.append(f"    * {plain(a)}")
+            window = _window_of(run, f)
+            if window is not None:
+                lines.append(f"    {window_line(window, run.layers)}")
     else:
         lines.append("findings: none")
     return "\n".join(lines)
@@ -151,5 +207,8 @@ def run_summary_markdown(run: RunLog, plot: str | None) -> str:
                    + f": {md(f.message)}")
         for a in f.advice:
             out.append(f"  - {md(a)}")
+        window = _window_of(run, f)
+        if window is not None:
+            out.append(f"  - {md(window_line(window, run.layers))}")
     out.append("")
     return "\n".join(out)

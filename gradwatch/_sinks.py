@@ -115,6 +115,7 @@ class JsonlSink:
         self.path = os.fspath(path)
         self._file = None
         self._broken = False
+        self._last_stats = None  # the last check's StepStats: the window a warning follows
 
     def _write(self, event: dict[str, Any]) -> None:
         if self._broken:
@@ -154,6 +155,7 @@ class JsonlSink:
 
     @hookimpl
     def gradwatch_step_stats(self, stats) -> None:
+        self._last_stats = stats
         event = {"event": "stats", "step": stats.step, "steps": stats.steps,
                  "loss": stats.loss, "has_loss": stats.has_loss, "grad_norm": stats.grad_norm[-1],
                  "has_grad": stats.has_grad[-1]}
@@ -169,6 +171,14 @@ class JsonlSink:
     @hookimpl
     def gradwatch_finding(self, finding: Finding) -> None:
         self._write({"event": "finding", **finding.to_dict()})
+        last = self._last_stats
+        if finding.is_warning and last is not None:
+            # Forensics: what every layer did step by step in the window before the warning
+            # (the check's per-step rows; the stats event keeps only the check step's).
+            self._write({"event": "window", "step": finding.step, "kind": finding.kind,
+                         "layer": finding.layer, "steps": last.steps,
+                         "grad_norm": last.grad_norm, "has_grad": last.has_grad,
+                         "loss": last.loss})
 
     @hookimpl
     def gradwatch_finding_cleared(self, finding: Finding, step: int) -> None:

@@ -18,7 +18,7 @@ from gradwatch._events import (
     weight_change_percent,
 )
 from gradwatch._plots import DPI, FIGSIZE, draw_run, plot_run
-from gradwatch._results import md, plain, run_summary_markdown, run_summary_text
+from gradwatch._results import md, plain, run_summary_markdown, run_summary_text, window_line
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 
@@ -55,7 +55,7 @@ def test_a_written_run_reads_back_as_arrays(tmp_path):
     path = write_run(tmp_path / "run.jsonl")
     log = read_events(path)
     assert [e["event"] for e in log.events] == ["start"] + ["stats"] * 2 + ["finding"] + \
-        ["stats"] * 2 + ["end"]
+        ["window"] + ["stats"] * 2 + ["end"]
     assert not log.truncated
     [run] = read_runs(path)
     assert run.name == "demo" and run.framework == "test" and run.ended
@@ -107,7 +107,7 @@ def test_a_truncated_last_line_is_tolerated(tmp_path, tail):
         fh.write(tail if isinstance(tail, bytes) else tail.encode())
     log = read_events(path)
     assert log.truncated
-    assert len(log.events) == 7  # every complete line
+    assert len(log.events) == 8  # every complete line
     [run] = read_runs(path)
     assert run.truncated and run.check_steps.tolist() == [10, 20, 30, 40]
 
@@ -160,7 +160,7 @@ def test_blank_lines_are_skipped(tmp_path):
     path = write_run(tmp_path / "run.jsonl")
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:3] + ["", "   "] + lines[3:]) + "\n\n")
-    assert len(read_events(path).events) == 7 and not read_events(path).truncated
+    assert len(read_events(path).events) == 8 and not read_events(path).truncated
 
 
 def test_an_appended_file_holds_one_run_per_start_event(tmp_path):
@@ -219,10 +219,10 @@ def test_plot_handles_nan_runs_and_runs_without_statistics(tmp_path):
     # test_cli.py::test_the_report_plot_shows_the_runs_layers_loss_findings_and_weight_change.)
     path = write_run(tmp_path / "run.jsonl", nan_at=2)  # the loss of step 20 is NaN
     lines = path.read_text().splitlines()
-    stats = json.loads(lines[4])
+    stats = json.loads(lines[5])
     assert stats["event"] == "stats" and stats["step"] == 30
     stats["grad_norm"] = ["NaN"] * 3  # every gradient norm of step 30 too
-    lines[4] = json.dumps(stats)
+    lines[5] = json.dumps(stats)
     path.write_text("\n".join(lines) + "\n")
     [run] = read_runs(path)
     assert np.isnan(run.grad_norm).any()
@@ -259,3 +259,45 @@ def test_plot_handles_nan_runs_and_runs_without_statistics(tmp_path):
     assert [t.get_text() for t in loss.texts] == ["no loss in the event file"]
     assert [t.get_text() for t in change.texts] == ["not measured"] and not change.axison
     assert not grads.lines and not loss.lines and not change.patches
+
+
+def test_a_warning_carries_the_window_before_it_and_the_report_says_what_moved_first(tmp_path):
+    # Forensics: one check of 10 steps; layer '1' jumps 100x at step 7, layer '0' goes NaN at
+    # step 9, layer '2' has no gradient at step 8 and stays level. The warning at step 10 is
+    # followed by that window, and `gradwatch report` names who moved first.
+    path = tmp_path / "run.jsonl"
+    layers = ("0", "1", "2")
+    grad = np.ones((10, 3))
+    grad[6:, 1] = 100.0
+    grad[8:, 0] = math.nan
+    has = np.ones((10, 3), dtype=bool)
+    has[7, 2] = False
+    f = gradwatch.Finding(kind="exploding_gradient", step=10, layer="1", value=100.0,
+                          threshold=10.0, message="layer '1' explodes")
+
+    class Once(gradwatch.Detector):
+        kinds = ("exploding_gradient",)
+
+        def update(self, stats):
+            return [f]
+
+    ctx = gradwatch.RunContext(
+        model=gradwatch.ModelInfo(framework="test", depth=3),
+        layers=tuple(gradwatch.LayerInfo(name=n, type="Linear", num_params=10) for n in layers))
+    mon = gradwatch.Monitor(ctx, detectors=[Once()], events=path, on_finding="log",
+                            check_every=10)
+    mon.check(gradwatch.StepStats(step=10, layers=layers, steps=np.arange(1, 11),
+                                  grad_norm=grad, has_grad=has, loss=np.linspace(1, 2, 10),
+                                  grad_size=np.ones(3)))
+    mon.end()
+    [run] = read_runs(path)
+    [window] = run.windows
+    assert (window["step"], window["kind"], window["layer"]) == (10, "exploding_gradient", "1")
+    assert window["steps"].tolist() == list(range(1, 11))
+    assert window["grad_norm"][6:, 1].tolist() == [100.0] * 4
+    assert not window["has_grad"][7, 2]
+    line = window_line(window, run.layers)
+    assert line == ("window steps 1-10: moved first: '1' at step 7 (1e+02x), then '0' at "
+                    "step 9 (non-finite)")
+    assert line in run_summary_text(run)
+    assert "moved first" in run_summary_markdown(run, None)

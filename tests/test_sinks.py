@@ -131,8 +131,13 @@ def test_jsonl_writes_one_strict_json_object_per_event_as_it_happens(
                     update_ratio=(math.nan, 1e-3, 1e-3)))
 
     # Read while the run is still open: every event so far is already on disk.
-    start, st, found = strict_events(path)
+    start, st, found, window = strict_events(path)
     assert (start["event"], st["event"], found["event"]) == ("start", "stats", "finding")
+    # forensics: the warning is followed by the window of steps before it, layer by layer
+    assert (window["event"], window["step"], window["kind"], window["layer"]) == (
+        "window", 10, "vanishing_gradient", "0")
+    assert window["steps"] == [10] and window["grad_norm"] == [[1e-7, "NaN", "Infinity"]]
+    assert window["has_grad"] == [[True, True, True]] and window["loss"] == ["NaN"]
     assert start["run"] == "run-a" and start["framework"] == "test" and start["check_every"] == 5
     assert [layer["name"] for layer in start["layers"]] == ["0", "1", "2"]
     assert st["step"] == 10 and st["loss"] == ["NaN"]
@@ -146,8 +151,9 @@ def test_jsonl_writes_one_strict_json_object_per_event_as_it_happens(
     mon.check(stats(20, loss=0.5))
     mon.end()
     events = strict_events(path)
-    assert [e["event"] for e in events] == ["start", "stats", "finding", "stats", "cleared", "end"]
-    cleared, end = events[4], events[5]
+    assert [e["event"] for e in events] == ["start", "stats", "finding", "window", "stats",
+                                            "cleared", "end"]
+    cleared, end = events[5], events[6]
     assert (cleared["step"], cleared["kind"], cleared["layer"], cleared["since"]) == (
         20, "vanishing_gradient", "0", 10)
     assert end["step"] == 20

@@ -87,7 +87,8 @@ class RunLog:
     summary: dict[str, Any] | None
     truncated: bool = False
     #: Per warning, the window of steps before it: ``{"step", "kind", "layer", "steps" [W],
-    #: "grad_norm" [W, L], "has_grad" [W, L], "loss" [W]}`` (numpy arrays).
+    #: "grad_norm" [W, L], "has_grad" [W, L], "loss" [W]}`` (numpy arrays), and "batch_ids"
+    #: (a list ``[W]``, or ``None`` where the adapter knew no batch).
     windows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
@@ -304,7 +305,11 @@ class _RunBuilder:
             mask = np.array([_list_of(h, n, "field 'has_grad'") for h in has],
                             dtype=bool).reshape(rows.shape)
         loss = event.get("loss")
+        batches = event.get("batch_ids")
+        if batches is not None and (not isinstance(batches, list) or len(batches) != len(steps)):
+            raise ValueError("field 'batch_ids' must be a list with one entry per step")
         return {"step": event.get("step"), "kind": event.get("kind"), "layer": event.get("layer"),
+                "batch_ids": batches,
                 "steps": np.asarray(steps, dtype=int), "grad_norm": rows, "has_grad": mask,
                 "loss": np.asarray(loss if isinstance(loss, list) and len(loss) == len(steps)
                                    else [math.nan] * len(steps), dtype=float)}

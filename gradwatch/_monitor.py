@@ -27,6 +27,7 @@ from ._findings import (
     GradWatchInternalWarning,
     register_warning_category,
 )
+from ._gradnorms import GradNormLog
 from ._report import LayerAggregate, LayerRow, Report
 from ._severity import RunEvidence, judge_all
 from ._sinks import FindingSink, JsonlSink
@@ -51,6 +52,11 @@ def check_options(who: str, options: Mapping[str, Any], own: Sequence[str] = ())
     if unknown:
         raise TypeError(f"{who} got unexpected option(s) {', '.join(unknown)}; valid options: "
                         f"{', '.join(tuple(own) + CORE_OPTIONS)}")
+
+
+def _batch(batch_id: Any) -> str:
+    """`` (batch B)`` for a message, or nothing when the batch is not known."""
+    return "" if batch_id is None else f" (batch {batch_id!r})"
 
 
 class Monitor:
@@ -172,6 +178,8 @@ class Monitor:
         self._checks = 0
         self._suppressed = 0
         self._skipped = 0
+        self._scaler_skipped = 0
+        self._norms = GradNormLog()
         self._loss_first = math.nan
         self._loss_last = math.nan
         self._ended = False
@@ -250,6 +258,7 @@ class Monitor:
         self._steps = max(self._steps, int(stats.step))
         try:
             self._aggregate.add(stats)
+            self._norms.add(stats)
             finite = stats.loss[stats.has_loss & np.isfinite(stats.loss)]
             if finite.size:
                 if math.isnan(self._loss_first):
@@ -310,12 +319,14 @@ class Monitor:
                        step=stats.step)
         return emitted
 
-    def step_skipped(self, step: int, bad_layers: Sequence[int]) -> Finding | None:
+    def step_skipped(self, step: int, bad_layers: Sequence[int],
+                     batch_id: Any = None) -> Finding | None:
         """The adapter's guard did not apply optimizer step ``step``: the gradients of the
         layers ``bad_layers`` (indices into the context's layers) were not finite. Counted in
         ``report().skipped_steps``; a ``nonfinite`` warning naming the first of them is told
         now, at that step (not at the next check), unless one was told within
-        ``repeat_after`` steps. Returns the finding told, or ``None``."""
+        ``repeat_after`` steps. ``batch_id``: the batch that step trained on, where the adapter
+        knows it. Returns the finding told, or ``None``."""
         self.start()
         self._skipped += 1
         names = [self.context.layers[i].name for i in bad_layers
@@ -325,17 +336,40 @@ class Monitor:
                  if names else "the gradients are non-finite")
         finding = Finding(
             kind="nonfinite", step=step, layer=layer, value=math.nan, threshold=math.inf,
-            message=(f"step {step}: {where}; the guard skipped this optimizer step, so the "
-                     f"weights and the optimizer state are as they were before it "
-                     f"({self._skipped} skipped so far)."),
+            message=(f"step {step}{_batch(batch_id)}: {where}; the guard skipped this "
+                     f"optimizer step, so the weights and the optimizer state are as they were "
+                     f"before it ({self._skipped} skipped so far)."),
             advice=_advice.nonfinite(self.context, in_loss_only=False),
-            evidence={"layers": names, "skipped": True})
+            evidence={"layers": names, "skipped": True,
+                      **({"batch_id": batch_id} if batch_id is not None else {})})
         key = (finding.kind, finding.layer)
         last = self._last_start.get(key)
         if last is not None and step - last < self.repeat_after:
             self._suppressed += 1
             return None
         self._last_start[key] = step
+        self.findings.append(finding)
+        self._call("gradwatch_finding", run=self.run_info, finding=finding)
+        return finding
+
+    def scaler_skipped(self, step: int, count: int = 1) -> Finding | None:
+        """The AMP loss scaler (``torch.amp.GradScaler``) skipped ``count`` optimizer steps
+        before step ``step``: its scaled gradients overflowed, and it lowered the scale. That
+        is how a loss scaler finds its scale, not a problem: counted in
+        ``report().scaler_skipped_steps`` and told once, as an ``info`` finding (never a
+        warning, never a divergence or an explosion). Returns the finding told, or ``None``."""
+        self.start()
+        first = self._scaler_skipped == 0
+        self._scaler_skipped += count
+        if not first or count <= 0:
+            return None
+        finding = Finding(
+            kind="nonfinite", step=step, layer=None, value=math.nan, threshold=math.inf,
+            message=(f"step {step}: the AMP loss scaler skipped an optimizer step (its scaled "
+                     f"gradients overflowed to inf/NaN, so it lowered the loss scale and did "
+                     f"not apply them). This is normal while a scaler finds its scale and is "
+                     f"said once; the report counts every such step."),
+            severity="info", evidence={"scaler_skipped": True})
         self.findings.append(finding)
         self._call("gradwatch_finding", run=self.run_info, finding=finding)
         return finding
@@ -419,7 +453,8 @@ class Monitor:
                       suppressed=self._suppressed,
                       internal_errors=tuple(f"{k}: {e}" for k, e in self._errors.items()),
                       loss_first=self._loss_first, loss_last=self._loss_last,
-                      skipped_steps=self._skipped)
+                      skipped_steps=self._skipped, scaler_skipped_steps=self._scaler_skipped,
+                      grad_norms=self._norms.summary())
 
     def end(self) -> Report:
         """Finish the run: the summary goes to the log and the event file (once)."""

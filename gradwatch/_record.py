@@ -145,6 +145,12 @@ class CheckRecord:
     #: Sampled activation sites and their values (dead or saturated fraction), one per site.
     activation_sites: Sequence[ActivationSite] = ()
     activation_values: Sequence[float] | np.ndarray = ()
+    #: The batch of each step ``[S]`` (an int or a string the user gave; ``None`` where not
+    #: known); ``None``: the adapter knows none.
+    batch_ids: Sequence[object] | None = None
+    #: Whether the check step's gradients reached the optimizer with a smaller norm than the
+    #: backward left (clipping); ``None``: not compared.
+    clipped: bool | None = None
 
 
 def _per_layer_ratio(layout: TensorLayout, num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -222,4 +228,7 @@ def step_stats(record: CheckRecord, layout: TensorLayout, *, step: int | None = 
         grad_zero_fraction=zero, weight_norm=wnorm, weight_nonfinite=wbad, update_ratio=ratio,
         weight_change=change, grad_norm_orthogonal=orth,
         activations=activation_stats(record.activation_sites, record.activation_values),
+        batch_ids=(None if record.batch_ids is None or all(b is None for b in record.batch_ids)
+                   else tuple(record.batch_ids)),
+        clipped=record.clipped,
     )

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ._findings import Finding
+from ._gradnorms import GradNormSummary
 
 
 def plain(text: object, *, lines: bool = False) -> str:
@@ -67,6 +68,13 @@ class Report:
     #: Optimizer steps the guard (``guard="skip"``) did not apply: their gradients were not
     #: finite, and the weights and optimizer state stayed as they were.
     skipped_steps: int = 0
+    #: Optimizer steps the AMP loss scaler skipped itself (its scaled gradients overflowed and
+    #: it lowered the scale): normal under AMP, told once as info, not counted in
+    #: ``skipped_steps``.
+    scaler_skipped_steps: int = 0
+    #: 'Is this normal?': the whole-model gradient norm (before clipping) over the run's steps,
+    #: and how often clipping was active; ``None`` before any check.
+    grad_norms: GradNormSummary | None = None
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready digest: counts per finding kind, layers flagged, loss."""
@@ -80,6 +88,8 @@ class Report:
             "loss_last": None if math.isnan(self.loss_last) else self.loss_last,
             "internal_errors": list(self.internal_errors),
             "skipped_steps": self.skipped_steps,
+            "scaler_skipped_steps": self.scaler_skipped_steps,
+            "grad_norms": None if self.grad_norms is None else self.grad_norms.to_dict(),
         }
 
     @property
@@ -102,6 +112,12 @@ class Report:
             head.append(f"guard: {self.skipped_steps} optimizer step"
                         f"{'s' if self.skipped_steps != 1 else ''} with non-finite gradients "
                         f"skipped (weights and optimizer state left as they were)")
+        if self.scaler_skipped_steps:
+            head.append(f"AMP loss scaler: {self.scaler_skipped_steps} optimizer step"
+                        f"{'s' if self.scaler_skipped_steps != 1 else ''} skipped by the scaler "
+                        f"itself (overflow; the scale was lowered): normal under AMP")
+        if self.grad_norms is not None:
+            head.extend(self.grad_norms.lines())
         cols = ("layer", "type", "params", "grad norm", "typical", "update/w", "w change", "flags")
         # Names and messages are the model's own strings: one line each, no escape sequences.
         rows = [cols] + [(

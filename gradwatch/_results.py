@@ -127,7 +127,15 @@ def window_line(window: dict[str, Any], layers: Sequence[str], most: int = 3) ->
     if not moves:
         return (f"window {span}: no layer's gradient norm changed {MOVE_FACTOR:g}x within it "
                 f"(the change is older than the window)")
-    said = [f"'{plain(name)}' at step {step} ({how})" for name, step, how in moves[:most]]
+    batches = window.get("batch_ids")
+    batch_of = ({int(st): b for st, b in zip(steps, batches) if b is not None}
+                if batches is not None else {})
+
+    def at(step: int) -> str:
+        batch = batch_of.get(step)
+        return f"step {step}" + ("" if batch is None else f", batch {plain(repr(batch))}")
+
+    said = [f"'{plain(name)}' at {at(step)} ({how})" for name, step, how in moves[:most]]
     more = f", and {len(moves) - most} more" if len(moves) > most else ""
     return f"window {span}: moved first: " + ", then ".join(said) + more
 

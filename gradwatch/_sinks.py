@@ -178,7 +178,9 @@ class JsonlSink:
             self._write({"event": "window", "step": finding.step, "kind": finding.kind,
                          "layer": finding.layer, "steps": last.steps,
                          "grad_norm": last.grad_norm, "has_grad": last.has_grad,
-                         "loss": last.loss})
+                         "loss": last.loss,
+                         **({"batch_ids": list(last.batch_ids)}
+                            if last.batch_ids is not None else {})})
 
     @hookimpl
     def gradwatch_finding_cleared(self, finding: Finding, step: int) -> None:

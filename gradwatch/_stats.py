@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -113,9 +114,21 @@ class StepStats:
     grad_norm_orthogonal: np.ndarray | None = None
     #: Sampled forward activations, keyed by activation-site name.
     activations: Mapping[str, ActivationStats] = dataclasses.field(default_factory=dict)
+    #: The batch each step trained on, as the user named it (``observe_loss(batch_id=)``, or
+    #: the batch number in the epoch where the adapter knows it) ``[S]``; ``None``: not known.
+    batch_ids: tuple[Any, ...] | None = None
+    #: At the check step: whether the optimizer got a smaller gradient norm than the backward
+    #: left (the user clips); ``None``: not compared at this check.
+    clipped: bool | None = None
 
     def __post_init__(self) -> None:
         n_layers = len(self.layers)
+        if self.batch_ids is not None:
+            ids = tuple(self.batch_ids)
+            if len(ids) != np.shape(self.steps)[0]:
+                raise ValueError(f"StepStats.batch_ids must have one entry per step "
+                                 f"({np.shape(self.steps)[0]}), got {len(ids)}")
+            object.__setattr__(self, "batch_ids", ids)
         s = np.asarray(self.steps).shape
         if len(s) != 1 or s[0] < 1:
             raise ValueError("StepStats.steps must be a non-empty 1-D array")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -93,3 +94,42 @@ class LossScale:
 
     def clear(self) -> None:
         self._ref = None
+
+
+class ScalerSteps:
+    """Tells which ``scaler.step(optimizer)`` calls did not step the optimizer: the scaler
+    found inf/NaN in its scaled gradients and skipped it (normal under AMP, while it finds its
+    scale). Wraps the known scaler's ``step`` as an instance attribute, in front of the class's
+    own; ``remove()`` lets the class's show through again.
+
+    Args:
+        mark: Returns a count of the optimizer steps that ended (applied or guard-skipped).
+        returned: Called with the optimizer and ``mark()``'s count from before the call, after
+            each ``scaler.step`` returns.
+    """
+
+    def __init__(self, mark: Callable[[], int], returned: Callable[[Any, int], None]) -> None:
+        self._mark, self._returned = mark, returned
+        self._scaler: weakref.ref | None = None
+        self._fn: Callable[..., Any] | None = None
+
+    def install(self, scaler: Any) -> None:
+        if scaler is None or (self._scaler is not None and self._scaler() is scaler):
+            return
+        self.remove()
+        original, mark, returned = scaler.step, self._mark, self._returned
+
+        def step(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+            before = mark()
+            out = original(optimizer, *args, **kwargs)
+            returned(optimizer, before)
+            return out
+
+        scaler.step = step
+        self._scaler, self._fn = weakref.ref(scaler), step
+
+    def remove(self) -> None:
+        scaler = self._scaler() if self._scaler is not None else None
+        if scaler is not None and vars(scaler).get("step") is self._fn:
+            del scaler.step
+        self._scaler = self._fn = None

@@ -49,11 +49,27 @@ class StepWindow:
         self.loss: list[Any] = [None] * size
         #: Per slot: 1 / the AMP loss scale of that step's gradients (None: 1).
         self.inv_scale: list[torch.Tensor | None] = [None] * size
+        #: Per slot: the batch the step trained on, as the user named it (absent: not given).
+        self.batch: dict[int, Any] = {}
         self._pending: list[Any] = []
+        self._pending_batch: list[Any] = []
 
-    def observe(self, loss: Any) -> None:
+    @property
+    def pending_batch(self) -> Any:
+        """The batch of the step in progress (several micro-batches: a tuple), or None."""
+        ids = self._pending_batch
+        return None if not ids else ids[0] if len(ids) == 1 else tuple(ids)
+
+    def observe(self, loss: Any, batch_id: Any = None) -> None:
         """A loss of the step in progress, a scalar tensor or a float (several: micro-batches,
-        averaged at the check). A tensor is read at the next check, with everything else."""
+        averaged at the check). A tensor is read at the next check, with everything else.
+        ``batch_id``: an int or a string naming the batch, kept for the window a warning
+        reports."""
+        if batch_id is not None:
+            if (not isinstance(batch_id, (int, str)) or isinstance(batch_id, bool)
+                    or (isinstance(batch_id, str) and len(batch_id) > 200)):
+                raise TypeError(f"observe_loss: batch_id must be an int or a string of at most "
+                                f"200 characters (or None), got {type(batch_id).__name__}")
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 raise ValueError(f"observe_loss: loss must be a scalar, got shape "
@@ -64,21 +80,29 @@ class StepWindow:
         else:
             raise TypeError(f"observe_loss: loss must be a tensor or a float, got "
                             f"{type(loss).__name__}")
+        if batch_id is not None:
+            self._pending_batch.append(batch_id)
 
     def commit(self, step: int) -> None:
         """Step ``step`` completed: its slot gets the losses observed during it."""
         pending, self._pending = self._pending, []
-        self.loss[(step - 1) % self.size] = (pending[0] if len(pending) == 1 else
-                                             pending or None)
+        slot = (step - 1) % self.size
+        self.loss[slot] = (pending[0] if len(pending) == 1 else pending or None)
+        if self._pending_batch or self.batch:
+            self.batch[slot] = self.pending_batch
+        self._pending_batch = []
         self.steps.append(step)
 
     def clear_losses(self) -> None:
         self._pending = []
+        self._pending_batch = []
         self.loss = [None] * self.size
+        self.batch = {}
 
     def drop_pending(self) -> None:
         """Forget the losses observed in a step that never completed (the GradScaler skipped it)."""
         self._pending = []
+        self._pending_batch = []
 
     def reset(self) -> None:
         """After a check: a new window."""
@@ -206,5 +230,6 @@ def read(measured: Measured, window: StepWindow, has_grad: np.ndarray,
             update_sq=update, update_base_sq=before,
             change_sq=_square(host.get("change")), change_base_sq=_square(host.get("start")),
             activation_sites=sites, activation_values=host.get("activations", ()),
+            batch_ids=[window.batch.get(int(slot)) for slot in slots] if window.batch else None,
         )
     return record, totals

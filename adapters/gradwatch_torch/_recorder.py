@@ -86,6 +86,8 @@ class GradRecorder:
         self.extra: torch.Tensor | None = None
         self.dots: torch.Tensor | None = None
         self.pre: torch.Tensor | None = None
+        #: The check step's pre-step compared the optimizer's gradients with the backward's.
+        self.compared = False
         self._presence: Presence | None = None
         self._plans: dict[tuple[int, ...] | None, ReducePlan] = {}
         # The check step's gradients as its backward left them, and their versions.
@@ -225,6 +227,7 @@ class GradRecorder:
         found = self._present()
         if found is None:
             return
+        self.compared = True  # the check can tell whether clipping acted at this step
         present, presence = found
         if read is not None and len(read[0]) == len(present) and all(
                 a is b and a._version == v for a, b, v in zip(present, *read)):

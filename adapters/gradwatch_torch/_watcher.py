@@ -28,7 +28,7 @@ from torch import nn
 from gradwatch import kit
 
 from ._activations import ActivationSampler
-from ._amp import LossScale
+from ._amp import LossScale, ScalerSteps
 from ._distributed import RANKS, compiled, emitting, is_sharded, rank_and_world, unwrap
 from ._guard import StepGuard, check_guard, guard_steps
 from ._hooks import BackwardTrigger, HookSet, is_compiling
@@ -94,6 +94,10 @@ class TorchWatcher:
         self.guard = check_guard(guard, optimizer)
         kit.check_options("gradwatch.torch.watch", options, ("optimizer",) + TORCH_OPTIONS)
         self._scale = LossScale(scaler)
+        ref_ = weakref.ref(self)
+        self._scaler_steps = ScalerSteps(lambda: getattr(ref_(), "_stepped", 0),
+                                         _call(ref_, "_scaler_step_returned"))
+        self._scaler_steps.install(scaler)
         self.update_ratio = kit.choice("update_ratio", update_ratio, kit.UPDATE_RATIO_MODES)
         self.sample_fraction = kit.fraction("sample_fraction", sample_fraction)
         self.ranks = kit.choice("ranks", ranks, RANKS)
@@ -118,6 +122,9 @@ class TorchWatcher:
         #: (the scaler's scale tensor, its in-place version expected next) after the last
         #: optimizer step: a later version means ``scaler.update()`` ran with no step (skipped).
         self._scale_seen: tuple[int, int] | None = None
+        #: Optimizer steps that ended (applied, or skipped by the guard): a ``scaler.step``
+        #: that returns with it unchanged was skipped by the scaler.
+        self._stepped = 0
         self._residual_graph: bool | None = None
         self._window = StepWindow(self.monitor.check_every)
         self._rescan = RescanSchedule(optimizer)
@@ -165,9 +172,11 @@ class TorchWatcher:
         """The guard did not apply the step in progress: it is no step. Its losses are dropped
         and its backward forgotten (the next one fills the same slot); the monitor tells the
         finding now."""
+        batch = self._window.pending_batch
         self._window.drop_pending()
         self._tensors.recorder.seen = False
-        self.monitor.step_skipped(self._step + 1, layers)
+        self._stepped += 1  # the scaler's update() after it is not a scaler skip
+        self.monitor.step_skipped(self._step + 1, layers, batch_id=batch)
 
     def _build(self, model: nn.Module) -> None:
         """What depends on the layer list (at watch time, and after the model changed); the
@@ -203,10 +212,18 @@ class TorchWatcher:
             self._window.drop_pending()
         self._scale_seen = now
 
+    def _scaler_step_returned(self, optimizer: Any, before: int) -> None:
+        """``scaler.step(optimizer)`` returned without an optimizer step ending: the scaler
+        skipped it itself (overflow). Normal under AMP: said once as info, and counted
+        (``report().scaler_skipped_steps``), never a warning."""
+        if self._stepped == before and any(r() is optimizer for r in self._optimizers):
+            self.monitor.scaler_skipped(self._step + 1)
+
     def _on_pre_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         self._stepping = weakref.ref(optimizer) if optimizer is not None else None
         slot = self._step % self._window.size
         scaler = self._scale.find()
+        self._scaler_steps.install(scaler)  # a scaler found on the stack: from now on
         self._drop_skipped()
         self._window.inv_scale[slot] = LossScale.inverse(scaler)
         recorder = self._tensors.recorder
@@ -243,16 +260,19 @@ class TorchWatcher:
         self._residual_graph = found
         self.monitor.update_model(residual=bool(found or self.monitor.context.model.residual))
 
-    def observe_loss(self, loss: Any) -> None:
+    def observe_loss(self, loss: Any, batch_id: int | str | None = None) -> None:
         """Record the loss of the step in progress (a tensor or a float); never syncs.
 
         Call it before ``optimizer.step()`` (without an optimizer: before ``backward()``).
         Several calls in one step (micro-batches) are averaged. The losses of a step that the
-        GradScaler skipped are dropped, not averaged into the next step's.
+        GradScaler skipped are dropped, not averaged into the next step's. ``batch_id`` (an int
+        or a string: an index into your data set, a file name) names the batch the step trained
+        on: a warning's window in the event file and the guard's skip finding say which batch
+        each step had.
         """
         if self._opt_ref is not None:
             self._drop_skipped()
-        self._window.observe(loss)
+        self._window.observe(loss, batch_id)
 
     def _commit(self) -> None:
         """One optimizer step completed: file its loss, then check if it is a check step."""
@@ -263,6 +283,7 @@ class TorchWatcher:
             recorder.no_gradient(self._step % self._window.size)
         recorder.seen = False
         self._step += 1
+        self._stepped += 1
         self._window.commit(self._step)
         self.monitor.note_steps(self._step)
         if self.monitor.is_check_step(self._step):
@@ -275,10 +296,14 @@ class TorchWatcher:
     # -- the check -----------------------------------------------------------------------------
 
     def _check(self) -> None:
+        recorder = self._tensors.recorder
+        compared, recorder.compared = recorder.compared, False
         measured = self._tensors.measure(self.rank, self.monitor.is_detail_step(self._step))
-        record, totals = read(measured, self._window, self._tensors.recorder.had_grad(),
+        record, totals = read(measured, self._window, recorder.had_grad(),
                               self._sampler.take(), self._tensors.device)
         self._clipping_seen = self._clipping_seen or totals.clipped
+        if compared:
+            record = dataclasses.replace(record, clipped=totals.clipped)
         if len(self._optimizers) > 1 and self._stepping is not None:
             # Several optimizers: the others' parameters did not move in this step.
             record = unmeasured_updates(record, self._tensors.params, self._stepping())
@@ -358,6 +383,7 @@ class TorchWatcher:
             self._sampler.clear()
             self._window.clear_losses()
             self._scale.clear()
+            self._scaler_steps.remove()
             self._model_ref = lambda: None
             self._opt_ref = None
             self._final = self.monitor.end()

@@ -44,7 +44,8 @@ def snapshot(net: nn.Module, opt: torch.optim.Optimizer) -> dict:
     return state
 
 
-def train(guard, steps: int = 40, *, opt_class=torch.optim.Adam, lr: float = 1e-2, **options):
+def train(guard, steps: int = 40, *, opt_class=torch.optim.Adam, lr: float = 1e-2,
+          batch_ids: bool = False, **options):
     """Train, keeping the state before and after the bad step; returns what happened."""
     net = model()
     opt = opt_class(net.parameters(), lr=lr)
@@ -59,7 +60,8 @@ def train(guard, steps: int = 40, *, opt_class=torch.optim.Adam, lr: float = 1e-
             opt.zero_grad()
             loss = nn.functional.cross_entropy(net(x[step - 1]), y[step - 1])
             loss.backward()
-            watcher.observe_loss(loss)
+            # the batch's index into the data set, as a user names it
+            watcher.observe_loss(loss, batch_id=step - 1 if batch_ids else None)
             opt.step()
             losses.append(float(loss))
             if step == BAD_STEP:
@@ -104,6 +106,15 @@ def test_the_skip_is_in_the_event_file(tmp_path):
     (finding,) = [e for e in events if e["event"] == "finding" and e["kind"] == "nonfinite"]
     assert finding["step"] == BAD_STEP and finding["evidence"]["skipped"] is True
     assert events[-1]["event"] == "end" and events[-1]["summary"]["skipped_steps"] == 1
+
+
+def test_the_skip_names_the_batch_the_user_named():
+    run = train("skip", batch_ids=True)
+    (finding,) = [f for f in run["report"].findings if f.kind == "nonfinite"]
+    # the 7th optimizer step trained on x[6]: the batch holding the NaN
+    assert finding.step == BAD_STEP and finding.evidence["batch_id"] == BAD_STEP - 1
+    assert f"step {BAD_STEP} (batch {BAD_STEP - 1})" in finding.message
+    assert torch.isnan(data(40)[0][finding.evidence["batch_id"]]).any()  # it holds the NaN
 
 
 def test_a_healthy_run_is_the_same_with_and_without_the_guard():
@@ -185,6 +196,8 @@ def test_the_gradscalers_own_skips_are_not_counted():
                 scaler.update()
     assert scaler.get_scale() < scale_before  # the scaler skipped step 7 and backed off
     assert watcher.report().skipped_steps == 0
+    # ... the scaler's own skips are counted apart, as the scaler's (normal under AMP)
+    assert watcher.report().scaler_skipped_steps >= 1
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 

@@ -113,7 +113,14 @@ def test_amp_skipped_steps_are_not_steps_and_keep_their_loss(pass_scaler):
         assert loss == pytest.approx(want_loss, rel=1e-6), step
         # the unscaled norm of the gradient the optimizer applied
         assert norm == pytest.approx(want_norm, rel=1e-4), step
-    assert not {f.kind for f in watcher.findings} & ALARMS
+    # the scaler's own skips are normal under AMP: never a warning, said once as info, counted
+    assert not {f.kind for f in watcher.findings if f.is_warning} & ALARMS
+    told = [f for f in watcher.findings if f.evidence.get("scaler_skipped")]
+    assert len(told) == 1 and told[0].severity == "info" and told[0].kind == "nonfinite"
+    report = watcher.report()
+    assert report.scaler_skipped_steps == len(truth) - len(real)  # the scaler's own account
+    assert report.skipped_steps == 0  # not the guard's
+    assert "skipped by the scaler" in str(report)
 
 
 # -- 7. advice stops suggesting clipping once clipping is observed ------------------------------

@@ -24,7 +24,7 @@ JSON written by ``--json``::
                                             "rounds_ms"}}}}}
 
 with BACKEND in tensorflow/torch, MODEL in mlp/cnn, CONFIG in plain/gradwatch-default/
-gradwatch-every-step. ``ratio`` is the median over rounds of the config's step time divided by
+gradwatch-every-step/gradwatch-guard. ``ratio`` is the median over rounds of the config's step time divided by
 plain's in the same round (paired: both ran back to back, so drift between rounds cancels);
 ``ratio_of_medians`` divides the medians.
 """
@@ -41,7 +41,8 @@ import sys
 import time
 
 CONFIGS = {"plain": None, "gradwatch-default": {},
-           "gradwatch-every-step": {"check_every": 1, "activation_every": 1}}
+           "gradwatch-every-step": {"check_every": 1, "activation_every": 1},
+           "gradwatch-guard": {"guard": "skip"}}
 
 
 def _limit_threads(threads: int) -> None:

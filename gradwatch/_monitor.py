@@ -41,6 +41,14 @@ CORE_OPTIONS = ("detectors", "on_finding", "events", "check_every", "activation_
                 "repeat_after", "name", "plugins")
 #: What ``update_ratio=`` may be, in every adapter that measures update ratios.
 UPDATE_RATIO_MODES = ("sampled", "exact", "off")
+#: The values of every adapter's ``guard`` option (``None`` means ``"off"``).
+GUARD_MODES = ("off", "skip")
+
+
+def guard_mode(guard: object) -> str:
+    """An adapter's ``guard`` option validated (a ValueError names it): ``"off"`` or
+    ``"skip"``."""
+    return v.choice("guard", "off" if guard is None else guard, GUARD_MODES)
 
 _R = TypeVar("_R")
 

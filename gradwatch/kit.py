@@ -26,7 +26,14 @@ from ._context import RunContext, RunInfo, empty_context
 from ._detectors import SATURATION_DERIVATIVE
 from ._findings import Finding, GradientHealthError
 from ._hookspecs import hookimpl
-from ._monitor import CORE_OPTIONS, UPDATE_RATIO_MODES, Monitor, check_options
+from ._monitor import (
+    CORE_OPTIONS,
+    GUARD_MODES,
+    UPDATE_RATIO_MODES,
+    Monitor,
+    check_options,
+    guard_mode,
+)
 from ._record import (
     SAMPLED_ACTIVATIONS,
     ActivationSite,
@@ -50,6 +57,7 @@ from ._validate import choice, fraction, positive_int
 
 __all__ = [
     "CORE_OPTIONS",
+    "GUARD_MODES",
     "MIN_SAMPLES",
     "SAMPLED_ACTIVATIONS",
     "SATURATION_DERIVATIVE",
@@ -73,6 +81,7 @@ __all__ = [
     "choice",
     "empty_context",
     "fraction",
+    "guard_mode",
     "hookimpl",
     "orthogonal_norms",
     "plain",

@@ -25,7 +25,7 @@ from .plugin import tensorboard_opener
 logger = logging.getLogger("gradwatch")
 
 #: The options of this adapter, beside the core's.
-KERAS_OPTIONS = ("update_ratio", "sample_fraction", "tensorboard")
+KERAS_OPTIONS = ("update_ratio", "sample_fraction", "tensorboard", "guard")
 
 
 class GradWatchCallback(keras.callbacks.Callback):
@@ -41,6 +41,11 @@ class GradWatchCallback(keras.callbacks.Callback):
             at the first check of each fit and closed at its end) or a writer of the user's
             (``add_scalar``/``add_text``/``flush``: flushed, not closed). Per-layer scalars
             under ``gradwatch/`` on check steps, findings as text. Defaults to ``None``.
+        guard: ``"skip"``: an optimizer step whose gradients are not finite is not applied
+            (the variables, the optimizer's slots and ``iterations`` stay as they were); the
+            ``nonfinite`` warning names the step and ``report().skipped_steps`` counts it.
+            TensorFlow (compiled, XLA, ``run_eagerly``) and PyTorch backends. Defaults to
+            ``"off"`` (or ``None``).
         **options: The core options (``check_every``, ``on_finding``, ``events``,
             ``detectors``, ``activation_every``, ``repeat_after``, ``name``, ``plugins``); see
             :class:`gradwatch.Monitor`.
@@ -60,9 +65,10 @@ class GradWatchCallback(keras.callbacks.Callback):
     async_safe = True
 
     def __init__(self, *, update_ratio: str = "sampled", sample_fraction: float = 0.02,
-                 tensorboard: Any = None, **options: Any) -> None:
+                 tensorboard: Any = None, guard: str | None = "off", **options: Any) -> None:
         super().__init__()
         kit.check_options("GradWatchCallback", options, KERAS_OPTIONS)
+        self.guard = kit.guard_mode(guard)
         self.update_ratio = kit.choice("update_ratio", update_ratio, kit.UPDATE_RATIO_MODES)
         self.sample_fraction = kit.fraction("sample_fraction", sample_fraction)
         self._epoch_logs = EpochLogs()
@@ -104,8 +110,11 @@ class GradWatchCallback(keras.callbacks.Callback):
             if getattr(self.model, "optimizer", None) is None:
                 raise TypeError("GradWatchCallback needs a compiled model (model.optimizer is "
                                 "None)")
+            if keras.backend.backend() not in ("tensorflow", "torch"):
+                self._unsupported_backend()
+                return
             self._fit = FitWatch(self.model, self.monitor, update_ratio=self.update_ratio,
-                                 sample_fraction=self.sample_fraction)
+                                 sample_fraction=self.sample_fraction, guard=self.guard)
             self._activation_counts = dict(self._fit.facts.counts)
         except (kit.GradientHealthError, Warning):
             raise
@@ -121,6 +130,8 @@ class GradWatchCallback(keras.callbacks.Callback):
             # (With asynchronous dispatch batch ends may run in any order.)
             step = self._epoch_base + int(batch) + 1
             self._last_batch = max(self._last_batch, step)
+            if fit.guard is not None and fit.traced:
+                self.monitor.guard("keras adapter (guard)", fit.guard.poll)
             every = self.monitor.check_every
             if not fit.traced or step // every <= self._checked_upto // every:
                 return  # eager mode checks inside the training step itself
@@ -132,6 +143,20 @@ class GradWatchCallback(keras.callbacks.Callback):
                 # call on_train_end: leave the model as it was before raising.
                 self._teardown()
                 raise
+
+    def _unsupported_backend(self) -> None:
+        """Said once per callback: watching nothing in silence is the worst failure."""
+        if getattr(self, "_told_backend", False):
+            return
+        self._told_backend = True
+        message = (f"gradwatch does not watch Keras on the {keras.backend.backend()!r} backend "
+                   f"yet (TensorFlow and PyTorch are supported): this fit is not watched, and "
+                   f"no finding will be reported for it.")
+        logger.warning(message)
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        if self._active:
+            self.monitor.guard("keras adapter (epoch begin)", self._fit.epoch_begins)
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         if self._active:

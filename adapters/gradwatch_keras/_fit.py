@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
 from gradwatch import kit
@@ -21,6 +22,7 @@ from ._activations import ActivationSampler
 from ._distribute import CAPTURED, Capture, all_reduce, reduce_raw, reduction, replica, replicas_of
 from ._eager import EagerRecorder
 from ._graph import GraphRecorder, GraphState, current_graph
+from ._guard import StepGuard
 from ._model import ModelFacts, WatchedVariables, model_facts
 from ._ops import dense, is_tracing, ops_for
 from ._optimizer import OptimizerPatch
@@ -42,7 +44,7 @@ class FitWatch:
     """
 
     def __init__(self, model: Any, monitor: kit.Monitor, *, update_ratio: str,
-                 sample_fraction: float) -> None:
+                 sample_fraction: float, guard: str = "off") -> None:
         optimizer = model.optimizer
         self._monitor = monitor
         self._backend = backend = keras.backend.backend()
@@ -98,11 +100,27 @@ class FitWatch:
                                    len(variables), len(self.activations.sites))
                 self._graph = GraphRecorder(state, plan, counter)
             self._eager = EagerRecorder(plan)
+            self._counter = counter
+            #: The step count when each epoch began (steps since the fit's start).
+            self.epoch_starts: list[int] = []
+            #: ``guard="skip"``: the updates of non-finite steps are not applied.
+            self.guard: StepGuard | None = None
+            if guard == "skip":
+                if self._replicas > 1:
+                    logger.warning("gradwatch: guard='skip' is not supported under a "
+                                   "tf.distribute strategy with %d replicas yet; this fit is "
+                                   "watched without the guard.", self._replicas)
+                else:
+                    self.guard = StepGuard(monitor, self._layout.tensor_layer, start,
+                                           traced=backend == "tensorflow")
+                    self.guard.batch_of = lambda step: (self.batch_numbers([step])[0]
+                                                        if self.epoch_starts else None)
             #: Per-thread trace state (tf.distribute traces each replica in its own thread).
             self._tls = threading.local()
             self._patch.install(optimizer, inner, on_loss=self._loss, before=self._before,
                                 after=self._after,
-                                on_reduced=self._reduced if self._reduction == "keras" else None)
+                                on_reduced=self._reduced if self._reduction == "keras" else None,
+                                skip=self._skip if self.guard is not None else None)
         except BaseException:
             self.close()
             raise
@@ -137,6 +155,8 @@ class FitWatch:
                                   len(self.variables))
         if record is None:
             return
+        if self.epoch_starts:
+            record = dataclasses.replace(record, batch_ids=self.batch_numbers(record.steps))
         stats = kit.step_stats(record, self._layout)
         if not self._told_no_loss and stats.has_loss is not None and not stats.has_loss.any():
             self._told_no_loss = True
@@ -152,6 +172,20 @@ class FitWatch:
             # weights did not move; a zero there is not a stalled update, so none is reported.
             stats = dataclasses.replace(stats, update_ratio=None)
         self._monitor.check(stats)
+
+    def epoch_begins(self) -> None:
+        """An epoch begins: its steps are numbered from here (one read of the step counter
+        a epoch; the steps a guard skipped are not steps, so they are not counted)."""
+        self.epoch_starts.append(int(ops.convert_to_numpy(self._counter)) - self._cursor.start)
+
+    def batch_numbers(self, steps: Any) -> list[int | None]:
+        """Each step's batch number in its epoch (0-based, as Keras numbers ``batch``)."""
+        starts = np.asarray(self.epoch_starts)
+        out: list[int | None] = []
+        for step in np.asarray(steps, dtype=np.int64):
+            k = int(np.searchsorted(starts, step, side="left")) - 1
+            out.append(int(step - starts[k] - 1) if k >= 0 else None)
+        return out
 
     # -- what the optimizer wrappers see -----------------------------------------------------
 
@@ -214,6 +248,20 @@ class FitWatch:
                 return graph.before(None, rid=rid)
             return graph.before(*self._densified(reduced))
         return graph.before(*self._densified(self._by_position(grads, tv)))
+
+    def _skip(self, grads: list[Any], tv: list[Any], update: Any) -> Any:
+        """The guard's decision around the real update (gradwatch's own failure in it: the
+        update runs unguarded, and the failure is reported once)."""
+        try:
+            dense_grads = self._densified(self._by_position(grads, tv))[0]
+            tracing = self._backend != "torch" and is_tracing()
+            step = (ops.convert_to_tensor(self._counter) + 1 if tracing
+                    else self._eager.step + 1)
+        except Exception as exc:
+            self._monitor.internal_error("keras adapter (guard)", exc)
+            return update()
+        norms = None if tracing else self._eager.norms.row(step % self._eager.window)
+        return self.guard.apply(dense_grads, update, step, tracing, norms)
 
     def _reduced(self, reduced: list[tuple[Any, Any]]) -> None:
         """The all-reduced gradients, inside the first replica's original apply."""

@@ -192,6 +192,10 @@ class NormRows:
         """The rows of ``slots``, one ``[len(slots), width]`` tensor."""
         return ops.stack([self._rows[s] for s in slots])
 
+    def row(self, slot: int) -> Any:
+        """The row of ``slot`` (a ``[width]`` device tensor), or None when never written."""
+        return self._rows.get(slot)
+
 
 class _TorchNormRows(NormRows):
     """One preallocated ``[window, width]`` tensor, written in place."""
@@ -212,6 +216,9 @@ class _TorchNormRows(NormRows):
 
     def read(self, slots: list[int]) -> Any:
         return self._buf[slots]  # (a copy: later steps write the buffer on)
+
+    def row(self, slot: int) -> Any:
+        return self._buf[slot]
 
 
 class TorchOps(KerasOps):

@@ -30,10 +30,14 @@ class OptimizerPatch:
 
     def install(self, optimizer: Any, inner: Any, *, on_loss: Callable[[Any], None],
                 before: Callable[[list[Any], list[Any]], Any], after: Callable[[Any], None],
-                on_reduced: Callable[[list[tuple[Any, Any]]], None] | None = None) -> None:
+                on_reduced: Callable[[list[tuple[Any, Any]]], None] | None = None,
+                skip: Callable[[list[Any], list[Any], Callable[[], Any]], Any] | None = None,
+                ) -> None:
         """``on_loss(loss)`` sees every batch loss; ``before(grads, variables)`` runs before the
         update and what it returns (unless None) goes to ``after`` once the update is applied;
-        ``on_reduced(grads_and_vars)`` sees Keras' all-reduced gradients."""
+        ``on_reduced(grads_and_vars)`` sees Keras' all-reduced gradients; ``skip(grads,
+        variables, update)`` (the guard) decides whether ``update()`` (the real update, then
+        ``after``) runs."""
         guard = self._monitor.guard
         original_apply = inner.apply
         original_scale = optimizer.scale_loss
@@ -47,10 +51,16 @@ class OptimizerPatch:
                   else list(inner._trainable_variables))
             grads = list(grads)
             token = guard("keras adapter (before apply)", before, grads, tv)
-            result = original_apply(grads, trainable_variables)
-            if token is not None:
-                guard("keras adapter (after apply)", after, token)
-            return result
+
+            def update() -> Any:
+                result = original_apply(grads, trainable_variables)
+                if token is not None:
+                    guard("keras adapter (after apply)", after, token)
+                return result
+
+            if skip is None:
+                return update()
+            return skip(grads, tv, update)  # (the guard runs update() itself unless it skips)
 
         self._set(optimizer, "scale_loss", scale_loss)
         self._set(inner, "apply", apply)

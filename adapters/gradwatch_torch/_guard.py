@@ -25,23 +25,14 @@ from typing import Any
 
 import torch
 
+from gradwatch import kit
+
 from ._distributed import local
-
-#: The values of the ``guard`` option.
-GUARDS = ("off", "skip")
-
-
-def guard_value(guard: Any) -> str:
-    """``guard`` validated (a ValueError names it): ``"off"`` or ``"skip"``."""
-    value = "off" if guard is None else guard
-    if not isinstance(value, str) or value not in GUARDS:
-        raise ValueError(f"guard must be one of {GUARDS} (or None), got {guard!r}")
-    return value
 
 
 def check_guard(guard: Any, optimizer: torch.optim.Optimizer | None) -> str:
     """``guard`` validated, and against the optimizer (a ValueError names it)."""
-    value = guard_value(guard)
+    value = kit.guard_mode(guard)
     if value == "skip":
         if optimizer is None:
             raise ValueError("guard='skip' needs the optimizer: pass optimizer= to watch() "

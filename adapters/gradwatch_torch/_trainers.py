@@ -11,7 +11,6 @@ from gradwatch import kit
 
 from ._amp import LossScale
 from ._distributed import RANKS
-from ._guard import guard_value
 from ._watcher import TORCH_OPTIONS, TorchWatcher
 from .plugin import tensorboard_opener
 
@@ -31,7 +30,7 @@ def validate_options(options: dict[str, Any], watched: str) -> kit.Monitor:
     kit.choice("update_ratio", options.get("update_ratio", "sampled"), kit.UPDATE_RATIO_MODES)
     kit.fraction("sample_fraction", options.get("sample_fraction", 0.02))
     kit.choice("ranks", options.get("ranks", "zero"), RANKS)
-    guard_value(options.get("guard"))
+    kit.guard_mode(options.get("guard"))
     LossScale(options.get("scaler"))
     kit.tensorboard_sink(options.get("tensorboard"), tensorboard_opener, write=False)
     plugins = options.get("plugins", ())

@@ -643,3 +643,17 @@ def test_moons_relu_run_is_quiet():
     run = fit(model, moons(), epochs=8)
     assert not run.kinds & UNHEALTHY, run.report
     assert run.last_loss < 0.3
+
+
+def test_an_unsupported_backend_is_said_once_not_watched_in_silence(monkeypatch, caplog):
+    # Keras on JAX is not watched yet: the callback says so at on_train_begin, once per
+    # callback, instead of training with no finding at all.
+    model = compiled(mlp(2))
+    cb = GradWatchCallback()
+    cb.set_model(model)
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        cb.on_train_begin()
+        cb.on_train_begin()  # a second fit
+    said = [r for r in caplog.records if "does not watch Keras on the 'jax' backend" in r.message]
+    assert len(said) == 1 and cb._fit is None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import keras, kit, torch  # noqa: E402  (neither imports its framework until used)
+from . import jax, keras, kit, torch  # noqa: E402  (none imports its framework until used)
 from ._context import RunContext, RunInfo
 from ._detectors import (
     DeadUnitsDetector,
@@ -103,6 +103,7 @@ __all__ = [
     "get_plugin_manager",
     "hookimpl",
     "hookspec",
+    "jax",
     "keras",
     "kit",
     "make_step_stats",

@@ -12,7 +12,7 @@ import gradwatch
 #: The frameworks the README's test command installs. A run where one of them cannot be imported
 #: is refused, not passed: every test of that framework would be skipped and pytest would exit 0.
 #: To test without one on purpose, name it: ``GRADWATCH_TESTS_WITHOUT=keras python -m pytest``.
-REQUIRED_FRAMEWORKS = ("torch", "keras")
+REQUIRED_FRAMEWORKS = ("torch", "keras", "jax", "optax")
 
 
 def _one_framework_thread() -> None:
@@ -47,7 +47,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(
             f"cannot import {', '.join(missing.values())}: its tests would all be skipped. "
             f"Install what the README's test command installs (pip install torch==2.13.0 -e "
-            f"\".[dev,keras]\"), or run without it on purpose: "
+            f"\".[dev,keras,jax]\"), or run without it on purpose: "
             f"GRADWATCH_TESTS_WITHOUT={','.join(missing)} python -m pytest")
 
 #: Layer names of the toy model every core test watches, input side first.

@@ -72,12 +72,12 @@ class LearningRateDetector(gradwatch.Detector):
                                   threshold=0.5, message=f"step {stats.step}: lr too high")]
 
 
-class JaxModel:
+class MxModel:
     pass
 
 
-def claim_jax(model, options):
-    return ("jax-watcher", model, options) if isinstance(model, JaxModel) else None
+def claim_mx(model, options):
+    return ("mx-watcher", model, options) if isinstance(model, MxModel) else None
 
 
 # -- built-ins --------------------------------------------------------------------------------
@@ -115,15 +115,15 @@ def test_autoload_env_var_skips_third_party_entry_points(
         monkeypatch.delenv(_manager.DISABLE_AUTOLOAD_ENV, raising=False)
     else:
         monkeypatch.setenv(_manager.DISABLE_AUTOLOAD_ENV, env)
-    plugin_module("gw_test_jax", gradwatch_claim_model=claim_jax)
-    installed(entry_point("jax", "gw_test_jax"))
+    plugin_module("gw_test_mx", gradwatch_claim_model=claim_mx)
+    installed(entry_point("mx", "gw_test_mx"))
 
     pm = gradwatch.get_plugin_manager()
-    assert (pm.get_plugin("jax") is not None) is loaded
-    assert ("jax" in gradwatch.adapter_names()) is loaded
+    assert (pm.get_plugin("mx") is not None) is loaded
+    assert ("mx" in gradwatch.adapter_names()) is loaded
     # gradwatch's own adapters come in through their entry points, autoload or not.
     assert pm.get_plugin("builtin") is not None
-    assert {"torch", "keras"} <= set(gradwatch.adapter_names())
+    assert {"torch", "keras", "jax"} <= set(gradwatch.adapter_names())
 
 
 def test_the_core_names_no_adapter_package():
@@ -165,8 +165,8 @@ def test_a_plugin_that_fails_to_load_is_reported_by_name_and_the_rest_works(
         monkeypatch, installed, plugin_module, tmp_path, caplog, context, stats, broken):
     monkeypatch.delenv(_manager.DISABLE_AUTOLOAD_ENV, raising=False)
     value, error = broken(tmp_path, monkeypatch)
-    plugin_module("gw_test_jax", gradwatch_claim_model=claim_jax)
-    installed(entry_point("broken", value), entry_point("jax", "gw_test_jax"))
+    plugin_module("gw_test_mx", gradwatch_claim_model=claim_mx)
+    installed(entry_point("broken", value), entry_point("mx", "gw_test_mx"))
 
     with pytest.warns(gradwatch.GradWatchInternalWarning, match="'broken'") as record:
         pm = gradwatch.get_plugin_manager()
@@ -176,9 +176,9 @@ def test_a_plugin_that_fails_to_load_is_reported_by_name_and_the_rest_works(
     assert any("'broken'" in r.getMessage() for r in caplog.records
                if r.name == "gradwatch" and r.levelno == logging.ERROR)
 
-    assert pm.get_plugin("jax") is not None
-    assert set(gradwatch.adapter_names()) >= {"jax", "torch"}
-    model = JaxModel()
+    assert pm.get_plugin("mx") is not None
+    assert set(gradwatch.adapter_names()) >= {"mx", "torch"}
+    model = MxModel()
     assert gradwatch.watch(model)[1] is model
     mon = gradwatch.Monitor(context, on_finding="log")
     mon.check(stats(10))
@@ -203,10 +203,10 @@ def test_a_third_party_detector_plugin_joins_the_default_detectors(
 def test_watch_dispatches_to_the_adapter_that_claims_the_model(
         monkeypatch, installed, plugin_module):
     monkeypatch.delenv(_manager.DISABLE_AUTOLOAD_ENV, raising=False)
-    plugin_module("gw_test_jax", gradwatch_claim_model=claim_jax)
-    installed(entry_point("jax", "gw_test_jax"))
-    model = JaxModel()
-    assert gradwatch.watch(model, check_every=5) == ("jax-watcher", model, {"check_every": 5})
+    plugin_module("gw_test_mx", gradwatch_claim_model=claim_mx)
+    installed(entry_point("mx", "gw_test_mx"))
+    model = MxModel()
+    assert gradwatch.watch(model, check_every=5) == ("mx-watcher", model, {"check_every": 5})
 
 
 def test_watch_of_an_unknown_object_lists_the_installed_adapters():

@@ -7,6 +7,7 @@ after the first ``--warmup`` batches (tracing and the first check excluded, chec
 at their share). Reported: median over rounds, and the ratio to plain ``fit``.
 
     python benchmarks/keras_overhead.py                  # tensorflow and torch backends
+    python benchmarks/keras_overhead.py --backends jax   # the JAX backend
     python benchmarks/keras_overhead.py --quick          # smoke run (well under a minute)
     python benchmarks/keras_overhead.py --json out.json  # also write the numbers
 
@@ -58,6 +59,9 @@ def _limit_threads(threads: int) -> None:
         import torch
 
         torch.set_num_threads(threads)
+    elif backend == "jax" and threads == 1:  # (read when jax is first imported)
+        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
+                                           "intra_op_parallelism_threads=1")
 
 
 def run_backend(args: argparse.Namespace) -> dict:
@@ -135,7 +139,7 @@ def _machine() -> dict:
             "cpus": os.cpu_count(), "python": platform.python_version(),
             "keras": version("keras"),
             "tensorflow": version("tensorflow-cpu") or version("tensorflow"),
-            "torch": version("torch"),
+            "torch": version("torch"), "jax": version("jax"),
             "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 

@@ -3,8 +3,8 @@
 Keras callbacks only see ``logs``, so for the duration of ``fit`` gradwatch wraps the model's
 optimizer (:mod:`._optimizer`): the batch loss and the gradients the optimizer applies reach it
 there, and per-variable statistics are computed with the backend's ops (:mod:`._ops`), written
-to one state variable in graph mode (:mod:`._graph`) or kept as device tensors in eager mode
-(:mod:`._eager`). The host reads them in one transfer per check (:mod:`._readout`) and the core
+to one state variable in graph mode (:mod:`._graph`; on JAX an optimizer variable for the fit,
+:mod:`._jaxgraph`) or kept as device tensors in eager mode (:mod:`._eager`). The host reads them in one transfer per check (:mod:`._readout`) and the core
 sums them into layers (:func:`gradwatch.kit.step_stats`). :mod:`._fit` wires one fit together;
 this class is what Keras calls.
 """
@@ -20,7 +20,7 @@ from gradwatch import kit
 
 from ._fit import FitWatch
 from ._logs import EpochLogs
-from .plugin import tensorboard_opener
+from .plugin import BACKENDS, tensorboard_opener
 
 logger = logging.getLogger("gradwatch")
 
@@ -44,8 +44,8 @@ class GradWatchCallback(keras.callbacks.Callback):
         guard: ``"skip"``: an optimizer step whose gradients are not finite is not applied
             (the variables, the optimizer's slots and ``iterations`` stay as they were); the
             ``nonfinite`` warning names the step and ``report().skipped_steps`` counts it.
-            TensorFlow (compiled, XLA, ``run_eagerly``) and PyTorch backends. Defaults to
-            ``"off"`` (or ``None``).
+            TensorFlow (compiled, XLA, ``run_eagerly``), PyTorch and JAX backends. Defaults
+            to ``"off"`` (or ``None``).
         **options: The core options (``check_every``, ``on_finding``, ``events``,
             ``detectors``, ``activation_every``, ``repeat_after``, ``name``, ``plugins``); see
             :class:`gradwatch.Monitor`.
@@ -60,8 +60,9 @@ class GradWatchCallback(keras.callbacks.Callback):
     """
 
     #: Batch-end work is a lock-protected read of the recorded steps; every step's numbers
-    #: carry their own step id, and eager mode checks in the training thread, so Keras may
-    #: dispatch batch ends asynchronously, in any order.
+    #: carry their own step id, and eager mode checks in the training thread (JAX reads at batch
+    #: begins, in the training thread), so Keras may dispatch batch ends asynchronously, in any
+    #: order.
     async_safe = True
 
     def __init__(self, *, update_ratio: str = "sampled", sample_fraction: float = 0.02,
@@ -110,7 +111,7 @@ class GradWatchCallback(keras.callbacks.Callback):
             if getattr(self.model, "optimizer", None) is None:
                 raise TypeError("GradWatchCallback needs a compiled model (model.optimizer is "
                                 "None)")
-            if keras.backend.backend() not in ("tensorflow", "torch"):
+            if keras.backend.backend() not in BACKENDS:
                 self._unsupported_backend()
                 return
             self._fit = FitWatch(self.model, self.monitor, update_ratio=self.update_ratio,
@@ -122,6 +123,20 @@ class GradWatchCallback(keras.callbacks.Callback):
             self._close()
             self.monitor.internal_error("keras adapter (on_train_begin)", exc)
 
+    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+        fit = self._fit
+        if fit is None or not fit.active or not fit.jax:
+            return
+        # JAX: the steps before this batch are read here, in the training thread, from the
+        # state the trainer holds; the next step donates that state.
+        with fit.lock:
+            self._poll(fit)
+            self._check_due(fit, fit.steps_before(int(batch)))
+
+    def _poll(self, fit: FitWatch) -> None:
+        if fit.guard is not None and fit.traced:
+            self.monitor.guard("keras adapter (guard)", fit.guard.poll)
+
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         fit = self._fit
         if fit is None or not fit.active:
@@ -130,19 +145,26 @@ class GradWatchCallback(keras.callbacks.Callback):
             # (With asynchronous dispatch batch ends may run in any order.)
             step = self._epoch_base + int(batch) + 1
             self._last_batch = max(self._last_batch, step)
-            if fit.guard is not None and fit.traced:
-                self.monitor.guard("keras adapter (guard)", fit.guard.poll)
-            every = self.monitor.check_every
-            if not fit.traced or step // every <= self._checked_upto // every:
-                return  # eager mode checks inside the training step itself
-            self._checked_upto = step
-            try:
-                self.monitor.guard("keras adapter (check)", fit.check)
-            except BaseException:
-                # Strict mode (or a warning turned error) ends fit() here, and Keras will not
-                # call on_train_end: leave the model as it was before raising.
-                self._teardown()
-                raise
+            if fit.jax:
+                return  # (the state this batch end could read may be donated already)
+            self._poll(fit)
+            if fit.traced:  # (eager mode checks inside the training step itself)
+                self._check_due(fit, step)
+
+    def _check_due(self, fit: FitWatch, step: int) -> None:
+        """Checks when ``step`` (steps of this fit so far) is in a check window not yet read.
+        The caller holds ``fit.lock``."""
+        every = self.monitor.check_every
+        if step // every <= self._checked_upto // every:
+            return
+        self._checked_upto = step
+        try:
+            self.monitor.guard("keras adapter (check)", fit.check)
+        except BaseException:
+            # Strict mode (or a warning turned error) ends fit() here, and Keras will not
+            # call on_train_end: leave the model as it was before raising.
+            self._teardown()
+            raise
 
     def _unsupported_backend(self) -> None:
         """Said once per callback: watching nothing in silence is the worst failure."""
@@ -150,7 +172,7 @@ class GradWatchCallback(keras.callbacks.Callback):
             return
         self._told_backend = True
         message = (f"gradwatch does not watch Keras on the {keras.backend.backend()!r} backend "
-                   f"yet (TensorFlow and PyTorch are supported): this fit is not watched, and "
+                   f"yet (TensorFlow, PyTorch and JAX are supported): this fit is not watched, and "
                    f"no finding will be reported for it.")
         logger.warning(message)
 
@@ -161,6 +183,11 @@ class GradWatchCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         if self._active:
             self._epoch_base = self._last_batch  # (Keras waits for the batch ends first)
+            fit = self._fit
+            if fit.jax:  # the epoch's last steps, before its logs take the findings
+                with fit.lock:
+                    self._poll(fit)
+                    self._check_due(fit, fit.steps_before(None))
             # For the callbacks after this one (CSVLogger, TensorBoard, EarlyStopping, History)
             self.monitor.guard("keras adapter (epoch logs)", self._epoch_logs.add, logs,
                                self.monitor.findings)
@@ -170,7 +197,9 @@ class GradWatchCallback(keras.callbacks.Callback):
         if fit is None or not fit.active:
             return
         with fit.lock:
-            self.monitor.guard("keras adapter (check)", fit.check)  # the steps since the last
+            if fit.jax:
+                self._poll(fit)
+            self.monitor.guard("keras adapter (check)", fit.check_all)  # the last steps
         if self._last_batch and not self.monitor.report().steps and len(fit.variables):
             logger.warning(
                 "gradwatch saw none of the %d training batches: the model's train_step did not "

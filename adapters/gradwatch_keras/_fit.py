@@ -23,6 +23,7 @@ from ._distribute import CAPTURED, Capture, all_reduce, reduce_raw, reduction, r
 from ._eager import EagerRecorder
 from ._graph import GraphRecorder, GraphState, current_graph
 from ._guard import StepGuard
+from ._jaxgraph import JaxRecorder, JaxState, StepWrap
 from ._model import ModelFacts, WatchedVariables, model_facts
 from ._ops import dense, is_tracing, ops_for
 from ._optimizer import OptimizerPatch
@@ -59,6 +60,8 @@ class FitWatch:
         self.active = False
         #: Whether a traced train step called ``apply`` (then batch ends read the state).
         self.traced = False
+        #: The JAX backend: the state is read at batch begins (before the next step donates it).
+        self.jax = backend == "jax"
         self._patch = OptimizerPatch(monitor)
         #: The watched variables and their layers.
         self.variables = variables = WatchedVariables(model)
@@ -76,6 +79,8 @@ class FitWatch:
                                       sample_fraction)
         self._layout = variables.layout(self._samples.scale)
         self.activations = ActivationSampler(monitor, eager_gating=backend == "torch")
+        self._model = model
+        self._step_wrap: StepWrap | None = None
         try:
             self.activations.wrap(model)
             self._replicas = replicas_of(model)
@@ -94,11 +99,16 @@ class FitWatch:
             self._cursor = Cursor(start)
             plan = StepPlan(self._ops, variables.variables, self._samples, self.activations,
                             monitor, start, window)
-            self._graph: GraphRecorder | None = None
+            self._graph: GraphRecorder | JaxRecorder | None = None
             if backend == "tensorflow":
                 state = GraphState(model.distribute_strategy, self._replicas, window,
                                    len(variables), len(self.activations.sites))
                 self._graph = GraphRecorder(state, plan, counter)
+            elif backend == "jax":
+                state = JaxState(model, inner, window, len(variables),
+                                 len(self.activations.sites))
+                self._graph = JaxRecorder(state, plan, counter)
+                self._step_wrap = StepWrap(model, self._graph, counter, self.activations)
             self._eager = EagerRecorder(plan)
             self._counter = counter
             #: The step count when each epoch began (steps since the fit's start).
@@ -112,7 +122,8 @@ class FitWatch:
                                    "watched without the guard.", self._replicas)
                 else:
                     self.guard = StepGuard(monitor, self._layout.tensor_layer, start,
-                                           traced=backend == "tensorflow")
+                                           traced=backend == "tensorflow",
+                                           jax_fit=(model, inner) if self.jax else None)
                     self.guard.batch_of = lambda step: (self.batch_numbers([step])[0]
                                                         if self.epoch_starts else None)
             #: Per-thread trace state (tf.distribute traces each replica in its own thread).
@@ -121,6 +132,11 @@ class FitWatch:
                                 after=self._after,
                                 on_reduced=self._reduced if self._reduction == "keras" else None,
                                 skip=self._skip if self.guard is not None else None)
+            if self._step_wrap is not None:
+                # The JAX trainer jits the train_step it finds when its train function is made
+                # (before on_train_begin): wrap it, and make the train function again.
+                self._step_wrap.install()
+                model.make_train_function(force=True)
         except BaseException:
             self.close()
             raise
@@ -130,6 +146,11 @@ class FitWatch:
         """Removes every wrapper."""
         self._patch.uninstall()
         self.activations.unwrap()
+        if self._step_wrap is not None:
+            self._step_wrap.uninstall()
+            self._graph.state.remove()
+        if self.guard is not None:
+            self.guard.remove()
         self.active = False
 
     def nbytes(self) -> int:
@@ -139,9 +160,9 @@ class FitWatch:
 
     # -- the check ---------------------------------------------------------------------------
 
-    def check(self) -> None:
-        """Reads the steps since the last check (one transfer) and hands them to the monitor.
-        The caller holds :attr:`lock`."""
+    def check(self) -> bool:
+        """Reads the steps since the last check (one transfer) and hands them to the monitor;
+        False when there were none. The caller holds :attr:`lock`."""
         if self.traced:
             graph = self._graph
             record = graph_record(graph.state.read(), self._cursor, self._settings,
@@ -154,29 +175,51 @@ class FitWatch:
                                   self.activations.take_eager(), self._cursor, self._settings,
                                   len(self.variables))
         if record is None:
-            return
+            return False
         if self.epoch_starts:
             record = dataclasses.replace(record, batch_ids=self.batch_numbers(record.steps))
         stats = kit.step_stats(record, self._layout)
         if not self._told_no_loss and stats.has_loss is not None and not stats.has_loss.any():
             self._told_no_loss = True
-            logger.warning(
-                "gradwatch sees gradients but no loss (steps %d-%d): the model's train_step "
-                "does not pass its loss through optimizer.scale_loss (a custom train_step?), so "
-                "loss plateaus and divergence are not checked. Add `loss = "
-                "self.optimizer.scale_loss(loss)` before taking the gradients, as Keras' own "
-                "train_step does.", int(stats.steps[0]), int(stats.steps[-1]))
+            if self.jax:
+                why = ("does not update Keras' loss tracker (a custom train_step?), where "
+                       "gradwatch reads the batch loss on the JAX backend, so loss plateaus and "
+                       "divergence are not checked. Update it as Keras' own train_step does: "
+                       "`self._loss_tracker.update_state(loss, sample_weight=batch_size)` in a "
+                       "StatelessScope over the metrics variables.")
+            else:
+                why = ("does not pass its loss through optimizer.scale_loss (a custom "
+                       "train_step?), so loss plateaus and divergence are not checked. Add "
+                       "`loss = self.optimizer.scale_loss(loss)` before taking the gradients, "
+                       "as Keras' own train_step does.")
+            logger.warning("gradwatch sees gradients but no loss (steps %d-%d): the model's "
+                           "train_step %s", int(stats.steps[0]), int(stats.steps[-1]), why)
         every = self._accumulate
         if every and stats.update_ratio is not None and (self._cursor.start + stats.step) % every:
             # gradient_accumulation_steps: this apply only added to the accumulators and the
             # weights did not move; a zero there is not a stalled update, so none is reported.
             stats = dataclasses.replace(stats, update_ratio=None)
         self._monitor.check(stats)
+        return True
+
+    def check_all(self) -> None:
+        """The end of the fit: every step not handed on yet (a read stops at a check step, and
+        on JAX the last read may hold one check step and the steps after it)."""
+        for _ in range(3):
+            if not self.check():
+                return
 
     def epoch_begins(self) -> None:
         """An epoch begins: its steps are numbered from here (one read of the step counter
         a epoch; the steps a guard skipped are not steps, so they are not counted)."""
         self.epoch_starts.append(int(ops.convert_to_numpy(self._counter)) - self._cursor.start)
+
+    def steps_before(self, batch: int | None) -> int:
+        """Steps of this fit done before batch ``batch`` of this epoch (None: the epoch is
+        over; then the counter is read, which Keras has synced)."""
+        if batch is None or not self.epoch_starts:
+            return int(ops.convert_to_numpy(self._counter)) - self._cursor.start
+        return self.epoch_starts[-1] + batch
 
     def batch_numbers(self, steps: Any) -> list[int | None]:
         """Each step's batch number in its epoch (0-based, as Keras numbers ``batch``)."""
@@ -190,6 +233,8 @@ class FitWatch:
     # -- what the optimizer wrappers see -----------------------------------------------------
 
     def _loss(self, loss: Any) -> None:
+        if self._backend == "jax":
+            return  # (a tracer of jax.value_and_grad here: StepWrap writes the loss)
         if self._backend == "torch" and not len(loss.shape):
             self._eager.loss = loss.detach()  # keeps no autograd graph alive between checks
             return
@@ -228,6 +273,9 @@ class FitWatch:
     def _before(self, grads: list[Any], tv: list[Any]) -> Any:
         if self._backend == "torch":  # eager, one replica, dense gradients
             return self._eager.before(self._by_position(grads, tv), {})
+        if self._backend == "jax":  # traced or not, in the trainer's stateless scope
+            self.traced = True
+            return self._graph.before(self._by_position(grads, tv))
         rid, replicas = replica()
         if not is_tracing():
             raw = self._by_position(grads, tv)
@@ -278,7 +326,7 @@ class FitWatch:
             before = capture.before if capture is not None else None
             if before is None:
                 return
-        if self._backend != "torch" and is_tracing():
+        if self._backend != "torch" and is_tracing():  # (JAX: always)
             self._graph.after(before)
         elif self._eager.after(before):
             # Eager mode checks here, in the training thread: Keras may run batch-end callbacks

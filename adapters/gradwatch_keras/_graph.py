@@ -51,12 +51,47 @@ class GraphRead(NamedTuple):
     acts: np.ndarray
 
 
-class GraphState:
-    """The one TensorFlow variable graph mode writes, read whole once per check.
+class StateLayout:
+    """Where each number sits in the one state matrix a traced step writes: ``K = V + 2`` wide
+    (V watched variables), the ring buffer's ``window`` rows, then the blocks of
+    :class:`GraphRead` laid out row by row. One matrix, so that a check's read is one op and
+    one device-to-host copy."""
 
-    A float32 matrix ``K = V + 2`` wide (V watched variables): the ring buffer's rows, then the
-    blocks of :class:`GraphRead` laid out row by row. One variable, so that a check's read is one
-    op and one device-to-host copy.
+    def __init__(self, window: int, n_vars: int, n_sites: int) -> None:
+        self.window, self.width = window, n_vars + 2
+        self.blocks: dict[str, tuple[int, int]] = {}  # name -> (first row, length)
+        rows = window
+        for name, size in (("grads", 3 * n_vars), ("weights", 4 * n_vars + 1),
+                           ("acts", n_sites + 1)):
+            self.blocks[name] = (rows, size)
+            rows += -(-size // self.width)
+        #: Rows of the matrix.
+        self.rows = rows
+
+    def block_rows(self, name: str, values: Any, concat: Callable[[list[Any]], Any],
+                   zeros: Callable[[int], Any], reshape: Callable[[Any, tuple], Any]
+                   ) -> tuple[int, Any]:
+        """``values`` of block ``name`` as whole rows: (first row, ``[rows, K]`` values)."""
+        first, size = self.blocks[name]
+        rows = -(-size // self.width)
+        pad = rows * self.width - size
+        if pad:
+            values = concat([values, zeros(pad)])
+        return first, reshape(values, (rows, self.width))
+
+    def split(self, host: np.ndarray) -> GraphRead:
+        """One host copy of the matrix, by block."""
+
+        def block(name: str) -> np.ndarray:
+            first, size = self.blocks[name]
+            return host[first:].reshape(-1)[:size]
+
+        return GraphRead(host[:self.window], block("grads"), block("weights"), block("acts"))
+
+
+class GraphState(StateLayout):
+    """The one TensorFlow variable graph mode writes (a :class:`StateLayout` matrix), read
+    whole once per check.
 
     Under a tf.distribute strategy it is ``ON_READ`` with ``SUM`` aggregation: every replica
     writes its own copy and reading sums them. The first replica writes the gradient and weight
@@ -70,20 +105,14 @@ class GraphState:
                  n_sites: int) -> None:
         import tensorflow as tf
 
-        self.window, self.width = window, n_vars + 2
-        self.blocks: dict[str, tuple[int, int]] = {}  # name -> (first row, length)
-        rows = window
-        for name, size in (("grads", 3 * n_vars), ("weights", 4 * n_vars + 1),
-                           ("acts", n_sites + 1)):
-            self.blocks[name] = (rows, size)
-            rows += -(-size // self.width)
+        super().__init__(window, n_vars, n_sites)
         kwargs: dict[str, Any] = {}
         if replicas > 1:
             kwargs = {"synchronization": tf.VariableSynchronization.ON_READ,
                       "aggregation": tf.VariableAggregation.SUM}
         with strategy.scope():
-            self.var = tf.Variable(tf.zeros((rows, self.width), tf.float32), trainable=False,
-                                   name="gradwatch_state", **kwargs)
+            self.var = tf.Variable(tf.zeros((self.rows, self.width), tf.float32),
+                                   trainable=False, name="gradwatch_state", **kwargs)
         self.local = (tuple(strategy.experimental_local_results(self.var)) if replicas > 1
                       else (self.var,))
 
@@ -96,24 +125,15 @@ class GraphState:
     def write(self, name: str, rid: int, values: Any) -> None:
         import tensorflow as tf
 
-        first, size = self.blocks[name]
-        rows = -(-size // self.width)
-        pad = rows * self.width - size
-        if pad:
-            values = tf.concat([values, tf.zeros((pad,))], 0)
+        first, rows = self.block_rows(name, values, lambda p: tf.concat(p, 0),
+                                      lambda n: tf.zeros((n,)), tf.reshape)
         tf.raw_ops.ResourceScatterUpdate(
-            resource=self.local[rid].handle, indices=np.arange(first, first + rows),
-            updates=tf.reshape(values, (rows, self.width)))
+            resource=self.local[rid].handle, indices=np.arange(first, first + rows.shape[0]),
+            updates=rows)
 
     def read(self) -> GraphRead:
         """Everything, summed over replicas: one read, one device-to-host copy."""
-        host = np.asarray(self.var.value(), dtype=float)
-
-        def block(name: str) -> np.ndarray:
-            first, size = self.blocks[name]
-            return host[first:].reshape(-1)[:size]
-
-        return GraphRead(host[:self.window], block("grads"), block("weights"), block("acts"))
+        return self.split(np.asarray(self.var.value(), dtype=float))
 
     def nbytes(self) -> int:
         return 4 * int(np.prod(self.var.shape))

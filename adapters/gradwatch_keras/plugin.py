@@ -16,7 +16,7 @@ from gradwatch import hookimpl
 from gradwatch.experiments import DEFAULT, Experiment, ExperimentRunner, RunResult, Settings
 
 #: Keras backends the callback supports.
-BACKENDS = ("tensorflow", "torch")
+BACKENDS = ("tensorflow", "torch", "jax")
 
 
 @hookimpl(trylast=True)

@@ -23,7 +23,7 @@ import gradwatch  # noqa: E402
 from gradwatch import hookimpl  # noqa: E402
 from gradwatch.keras import GradWatchCallback  # noqa: E402
 
-#: The backend these tests run on: "tensorflow" or "torch".
+#: The backend these tests run on: "tensorflow", "torch" or "jax".
 BACKEND = keras.backend.backend()
 
 #: What a healthy run must never report.
@@ -148,6 +148,28 @@ def to_numpy(x: Any) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return np.array(keras.ops.convert_to_numpy(x))
+
+
+def jax_autodiff(model: keras.Model, x: Any, loss_of: Any, with_losses: bool = False
+                 ) -> tuple[Any, Any, list[np.ndarray]]:
+    """On the JAX backend: (loss, outputs, the gradient of every trainable variable) of one
+    training-mode forward pass of ``model`` on ``x``, by ``jax.value_and_grad`` of Keras'
+    stateless call; ``loss_of(outputs)`` is the loss, plus the model's own losses with
+    ``with_losses``."""
+    import jax
+
+    trainable = [v.value for v in model.trainable_variables]
+    fixed = [v.value for v in model.non_trainable_variables]
+
+    def loss_and_outputs(tv: list[Any]) -> tuple[Any, Any]:
+        out, _, losses = model.stateless_call(tv, fixed, x, training=True, return_losses=True)
+        loss = loss_of(out)
+        if with_losses and losses:
+            loss = loss + sum(losses)
+        return loss, out
+
+    (loss, out), grads = jax.value_and_grad(loss_and_outputs, has_aux=True)(trainable)
+    return loss, out, [np.asarray(g) for g in grads]
 
 
 def finding_pairs(findings) -> set[tuple[str, str | None]]:

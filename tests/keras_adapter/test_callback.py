@@ -23,6 +23,7 @@ from conftest import (
     deep_sigmoid,
     finding_pairs,
     fit,
+    jax_autodiff,
     mlp,
     moons,
     to_numpy,
@@ -33,12 +34,14 @@ from gradwatch.keras import GradWatchCallback
 
 # -- compile modes -----------------------------------------------------------------------------
 
-#: jit_compile=True (XLA) and steps_per_execution > 1 exist on TensorFlow only (the torch backend
-#: raises for steps_per_execution > 1); run_eagerly exists on both.
+#: run_eagerly exists on every backend; jit_compile=True (XLA) is TensorFlow's choice (JAX always
+#: jits, torch never); steps_per_execution > 1 exists on TensorFlow and JAX (the torch backend
+#: raises for it).
 COMPILE_MODES = [pytest.param({"run_eagerly": True}, id="run-eagerly")]
 if BACKEND == "tensorflow":
-    COMPILE_MODES += [pytest.param({"jit_compile": True}, id="xla"),
-                      pytest.param({"steps_per_execution": 4}, id="steps-per-execution-4")]
+    COMPILE_MODES.append(pytest.param({"jit_compile": True}, id="xla"))
+if BACKEND in ("tensorflow", "jax"):
+    COMPILE_MODES.append(pytest.param({"steps_per_execution": 4}, id="steps-per-execution-4"))
 
 
 @pytest.mark.parametrize("compile_kwargs", COMPILE_MODES)
@@ -78,7 +81,7 @@ def test_compile_modes_see_every_step_and_every_check_steps_update_ratios(compil
     assert sorted(steps) == steps and len(measured) == 2 * STEPS_PER_EPOCH // 5
 
 
-@pytest.mark.skipif(BACKEND != "tensorflow", reason="steps_per_execution > 1 is TensorFlow's")
+@pytest.mark.skipif(BACKEND == "torch", reason="the torch backend has no steps_per_execution > 1")
 def test_steps_per_execution_beyond_the_check_interval_loses_no_step():
     # One batch end per 16 steps, a check every 5: most check steps fall inside an execution,
     # and a read comes up to 16 steps after the last one.
@@ -144,6 +147,8 @@ def reference_grad_norms(model, x, y) -> dict[str, tuple[float, float]]:
         with tf.GradientTape() as tape:
             loss = loss_fn(y, model(x, training=True))
         grads = [to_numpy(tf.convert_to_tensor(g)) for g in tape.gradient(loss, weights)]
+    elif BACKEND == "jax":
+        grads = jax_autodiff(model, x, lambda out: loss_fn(y, out))[2]
     else:
         import torch
 
@@ -646,14 +651,14 @@ def test_moons_relu_run_is_quiet():
 
 
 def test_an_unsupported_backend_is_said_once_not_watched_in_silence(monkeypatch, caplog):
-    # Keras on JAX is not watched yet: the callback says so at on_train_begin, once per
-    # callback, instead of training with no finding at all.
+    # Keras' OpenVINO backend (inference only) is not watched: the callback says so at
+    # on_train_begin, once per callback, instead of training with no finding at all.
     model = compiled(mlp(2))
     cb = GradWatchCallback()
     cb.set_model(model)
-    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    monkeypatch.setattr(keras.backend, "backend", lambda: "openvino")
     with caplog.at_level(logging.WARNING, logger="gradwatch"):
         cb.on_train_begin()
         cb.on_train_begin()  # a second fit
-    said = [r for r in caplog.records if "does not watch Keras on the 'jax' backend" in r.message]
+    said = [r for r in caplog.records if "does not watch Keras on the 'openvino' backend" in r.message]
     assert len(said) == 1 and cb._fit is None

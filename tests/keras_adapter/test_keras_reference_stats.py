@@ -15,7 +15,7 @@ import weakref
 
 import numpy as np
 import pytest
-from conftest import BACKEND, StatsRecorder, fit, to_numpy
+from conftest import BACKEND, StatsRecorder, fit, jax_autodiff, to_numpy
 from references import orthogonal_norm, ratio, sq
 
 import gradwatch
@@ -105,6 +105,8 @@ def gradients_and_outputs(model, weights, x, y, sites):
             out = probe(x, training=True)
             loss = loss_fn(y, out[0])
         grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
+    elif BACKEND == "jax":
+        loss, out, grads = jax_autodiff(probe, list(x), lambda out: loss_fn(y, out[0]))
     else:
         import torch
 

@@ -25,9 +25,10 @@ from gradwatch.keras import GradWatchCallback  # noqa: E402
 
 CHECK_EVERY = 4
 EPOCHS = 3  # 16 steps an epoch
-#: Where each writer puts a text summary (torch's SummaryWriter appends "/text_summary").
-FINDINGS_TAG = "gradwatch/findings" if BACKEND == "tensorflow" else \
-    "gradwatch/findings/text_summary"
+#: Where each writer puts a text summary (torch's SummaryWriter appends "/text_summary"; the
+#: TensorFlow and JAX backends write through tf.summary).
+FINDINGS_TAG = "gradwatch/findings/text_summary" if BACKEND == "torch" else \
+    "gradwatch/findings"
 
 
 def events(logdir) -> EventAccumulator:

@@ -13,7 +13,16 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-from conftest import BACKEND, StatsRecorder, circles, compiled, fit, mlp, to_numpy
+from conftest import (
+    BACKEND,
+    StatsRecorder,
+    circles,
+    compiled,
+    fit,
+    jax_autodiff,
+    mlp,
+    to_numpy,
+)
 
 import gradwatch
 from gradwatch.keras import GradWatchCallback
@@ -54,6 +63,8 @@ def reference_grads(model, loss_fn, x, y, weights: list[np.ndarray]) -> list[np.
             if model.losses:
                 loss = loss + tf.add_n(model.losses)
         return [to_numpy(tf.convert_to_tensor(g)) for g in tape.gradient(loss, tws)]
+    if BACKEND == "jax":
+        return jax_autodiff(model, x, lambda out: loss_fn(y, out), with_losses=True)[2]
     import torch
 
     loss = loss_fn(torch.as_tensor(y), model(torch.as_tensor(x), training=True))

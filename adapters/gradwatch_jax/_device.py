@@ -47,6 +47,10 @@ class WatchState(NamedTuple):
     #: at ``init`` (weight change since the start); ``()`` with ``update_ratio="off"``.
     before: tuple[jax.Array, ...]
     start: tuple[jax.Array, ...]
+    #: The activation sites' values at the last activation step ``[S]`` (dead or saturated
+    #: fraction; NaN where the site was not given), and that step (0: none yet).
+    acts: jax.Array
+    acts_step: jax.Array
 
 
 class Plan(NamedTuple):
@@ -61,6 +65,10 @@ class Plan(NamedTuple):
     strides: tuple[int, ...] | None
     #: Indices of the inner state's leaves that are learning rates (inject_hyperparams).
     lr_leaves: tuple[int, ...]
+    #: The activation sites (name, kind) ``update(activations=...)`` is given, and the steps
+    #: between their samples (None: no sites).
+    sites: tuple[tuple[str, str], ...] = ()
+    activation_every: int | None = None
 
 
 def _sample(x: jax.Array, stride: int) -> jax.Array:
@@ -89,7 +97,36 @@ def init_state(plan: Plan, inner: Any, params: list[jax.Array] | None) -> WatchS
     return WatchState(
         inner=inner, count=jnp.zeros((), jnp.int32), grad_sq=jnp.zeros((W, T), _F32),
         loss=jnp.full((W,), jnp.nan, _F32), has_loss=jnp.zeros((W,), bool),
-        check=CheckStash(nan, nan, nan, nan, jnp.zeros((), bool)), before=before, start=start)
+        check=CheckStash(nan, nan, nan, nan, jnp.zeros((), bool)), before=before, start=start,
+        acts=jnp.full((len(plan.sites),), jnp.nan, _F32), acts_step=jnp.zeros((), jnp.int32))
+
+
+def activation_value(kind: str, y: jax.Array, saturation: float) -> jax.Array:
+    """Dead fraction of a ReLU's units (a unit is dead when its output is 0 for the whole batch;
+    units are the last axis), or the saturated fraction of a sigmoid's or tanh's outputs."""
+    y = jnp.asarray(y).astype(_F32)
+    if kind == "relu":
+        alive = jnp.sum(jnp.reshape(jnp.maximum(y, 0), (-1, y.shape[-1])), axis=0) > 0
+        return 1 - jnp.mean(alive.astype(_F32))
+    if kind == "sigmoid":
+        return jnp.mean((y * (1 - y) < 0.25 * saturation).astype(_F32))
+    return jnp.mean((1 - y * y < saturation).astype(_F32))
+
+
+def sample_activations(plan: Plan, state: WatchState, activations: dict[str, Any],
+                       count: jax.Array, saturation: float) -> WatchState:
+    """On activation steps (``count`` = the step completing now), the sites' values."""
+    if not plan.sites or plan.activation_every is None:
+        return state
+
+    def sample(_: Any) -> tuple[jax.Array, jax.Array]:
+        values = [activation_value(kind, activations[name], saturation) if name in activations
+                  else jnp.float32(jnp.nan) for name, kind in plan.sites]
+        return jnp.stack(values), count.astype(jnp.int32)
+
+    acts, step = lax.cond(count % plan.activation_every == 0, sample,
+                          lambda _: (state.acts, state.acts_step), None)
+    return state._replace(acts=acts, acts_step=step)
 
 
 def record(plan: Plan, state: WatchState, grads: list[jax.Array],
@@ -141,7 +178,8 @@ def payload(plan: Plan, state: WatchState, params: list[jax.Array] | None) -> di
     """Everything one check hands the host, computed from the committed state of a check step
     and the weights after its update (``params``, as the next step receives them)."""
     out: dict[str, Any] = {"count": state.count, "grad_sq": state.grad_sq, "loss": state.loss,
-                           "has_loss": state.has_loss, **state.check._asdict()}
+                           "has_loss": state.has_loss, **state.check._asdict(),
+                           "acts": state.acts, "acts_step": state.acts_step}
     if params is not None:
         out["weight_sq"] = _per_leaf(_sq, params)
         if plan.strides is not None and state.start:

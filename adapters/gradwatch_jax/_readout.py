@@ -17,9 +17,11 @@ def _vec(host: dict[str, np.ndarray], name: str) -> np.ndarray | None:
     return None if x is None else np.asarray(x, dtype=np.float64).reshape(-1)
 
 
-def to_record(host: dict[str, Any]) -> kit.CheckRecord:
+def to_record(host: dict[str, Any], sites: tuple[kit.ActivationSite, ...] = ()
+              ) -> kit.CheckRecord:
     """The record of the window ending at the check step ``host["count"]``. The ring's slots
-    are (step - 1) % window and a check closes every window, so the rows are in step order."""
+    are (step - 1) % window and a check closes every window, so the rows are in step order.
+    ``sites``: the activation sites; their values go in when sampled in this window."""
     with np.errstate(over="ignore", invalid="ignore"):
         step = int(np.asarray(host["count"]))
         sq = np.asarray(host["grad_sq"], dtype=np.float64)
@@ -29,6 +31,8 @@ def to_record(host: dict[str, Any]) -> kit.CheckRecord:
         wsq_before = _vec(host, "weight_sq_before")
         if dot is not None and not np.isfinite(dot).any():
             dot = wsq_before = None  # no params were given to update()
+        acts_step = int(np.asarray(host.get("acts_step", 0)))
+        sampled = bool(sites) and step - W < acts_step <= step
         return kit.CheckRecord(
             steps=np.arange(step - W + 1, step + 1, dtype=np.int64), grad_sq=sq,
             has_grad=np.ones((W, T), dtype=bool),
@@ -38,7 +42,9 @@ def to_record(host: dict[str, Any]) -> kit.CheckRecord:
             grad_nonzero=_vec(host, "grad_nonzero") if detail else None,
             grad_dot=dot, weight_sq_before=wsq_before, weight_sq=_vec(host, "weight_sq"),
             update_sq=_vec(host, "update_sq"), update_base_sq=_vec(host, "update_base_sq"),
-            change_sq=_vec(host, "change_sq"), change_base_sq=_vec(host, "change_base_sq"))
+            change_sq=_vec(host, "change_sq"), change_base_sq=_vec(host, "change_base_sq"),
+            activation_sites=sites if sampled else (),
+            activation_values=_vec(host, "acts") if sampled else ())
 
 
 def learning_rates(host: dict[str, Any]) -> tuple[float, ...]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -70,14 +70,45 @@ class Leaves:
         return [math.prod(s) for s in self.shapes]
 
 
+def _insertion_order(tree: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Leaf paths of nested dicts (and lists/tuples) in the order the user's code made them:
+    jax flattens a dict's keys sorted, but flax creates its parameters in call order
+    (``Dense_0``, ``BatchNorm_0``, ``Dense_1``), and a hand-built dict keeps insertion order."""
+    if isinstance(tree, Mapping):
+        out = []
+        for k, v in tree.items():
+            out += _insertion_order(v, (*prefix, str(k)))
+        return out
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+        out = []
+        for i, v in enumerate(tree):
+            out += _insertion_order(v, (*prefix, str(i)))
+        return out
+    return [prefix]
+
+
+def _depth_order(owner: list[str], tree: Any) -> tuple[str, ...]:
+    """Layers in depth order: the order their parameters appear in the user's tree where it is
+    made of dicts (flax, hand-built), else by name with numbers read as numbers (``Dense_2``
+    before ``Dense_10``)."""
+    names = set(owner)
+    try:
+        seen = [layer_of(leaf_names(path)) for path in _insertion_order(tree)]
+    except Exception:  # an exotic container: fall back to the names
+        seen = []
+    ordered = [n for n in dict.fromkeys(seen) if n in names]
+    if set(ordered) == names:
+        return tuple(ordered)
+    return tuple(sorted(dict.fromkeys(owner), key=_natural))
+
+
 def leaves_of(tree: Any) -> Leaves:
     """The leaves of ``tree`` (params, or gradients shaped like them) and their layers."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     names = tuple(leaf_names(path) for path, _ in flat)
     shapes = tuple(tuple(np.shape(leaf)) for _, leaf in flat)
     owner = [layer_of(n) for n in names]
-    # Depth order: the order layers first appear, with numbered siblings in number order.
-    layers = tuple(sorted(dict.fromkeys(owner), key=_natural))
+    layers = _depth_order(owner, tree)
     index = {name: i for i, name in enumerate(layers)}
     return Leaves(treedef, names, shapes, layers, tuple(index[o] for o in owner))
 
@@ -118,13 +149,13 @@ def layer_infos(leaves: Leaves, params: Any) -> tuple[kit.LayerInfo, ...]:
     return tuple(out)
 
 
-def model_info(infos: Sequence[kit.LayerInfo],
-               learning_rates: tuple[float, ...] = ()) -> kit.ModelInfo:
-    """What an optax transformation lets gradwatch see of the model: its parameter layers only
-    (activations, normalisation and skip connections live in the model's code, not in the
-    pytree, so they are not known)."""
+def model_info(infos: Sequence[kit.LayerInfo], learning_rates: tuple[float, ...] = (),
+               activations: frozenset[str] = frozenset()) -> kit.ModelInfo:
+    """What an optax transformation lets gradwatch see of the model: its parameter layers, and
+    the kinds of the activation sites the user named (normalisation and skip connections live
+    in the model's code, not in the pytree, so they are not known)."""
     return kit.ModelInfo(framework="jax", depth=sum(1 for i in infos if i.matrix),
-                         learning_rates=learning_rates)
+                         learning_rates=learning_rates, activations=activations)
 
 
 def learning_rate_leaves(state: Any) -> list[int]:

@@ -25,7 +25,7 @@ from gradwatch import kit
 from . import _device, _readout, _tree
 from .plugin import tensorboard_opener
 
-JAX_OPTIONS = ("update_ratio", "sample_fraction", "tensorboard", "transfer")
+JAX_OPTIONS = ("update_ratio", "sample_fraction", "tensorboard", "transfer", "activations")
 #: How a check's numbers reach the host (docs/jax.md, "The host transfer").
 TRANSFERS = ("callback", "state")
 
@@ -40,29 +40,53 @@ REFUSED = {
              "gradwatch.jax.watch(optax.apply_if_finite(opt, max_consecutive_errors=...)) "
              "skips non-finite steps, and gradwatch still reports them",
     "activation_every": "an optax transformation sees gradients and parameters, never the "
-                        "model's activations, so dead and saturated units are not measured; "
-                        "leave it out (or None)",
+                        "model's activations: name the sites with activations={'act0': "
+                        "'relu', ...} and pass their outputs to update(activations=...)",
 }
 
 
-def _refuse(options: dict[str, Any]) -> None:
+def _refuse(options: dict[str, Any], sites: bool) -> None:
     for name, why in REFUSED.items():
-        if name in options and not (name == "activation_every" and options[name] is None):
-            raise ValueError(f"gradwatch.jax.watch: option {name!r} cannot work with optax: "
-                             f"{why}")
+        if name not in options:
+            continue
+        if name == "activation_every" and (sites or options[name] is None):
+            continue  # (with activation sites named it is the core's option)
+        raise ValueError(f"gradwatch.jax.watch: option {name!r} cannot work with optax: {why}")
+
+
+def _sites(activations: Any) -> tuple[tuple[str, str], ...]:
+    """``activations={'act0': 'relu', ...}`` checked: site names and their kinds."""
+    if activations is None:
+        return ()
+    if not isinstance(activations, dict) or not activations:
+        raise TypeError("gradwatch.jax.watch: activations must be a dict of site name -> kind "
+                        "('relu', 'sigmoid' or 'tanh'), e.g. {'act0': 'relu'}")
+    out = []
+    for name, kind in activations.items():
+        if kit.SAMPLED_ACTIVATIONS.get(kind) is None:
+            raise ValueError(f"gradwatch.jax.watch: activations[{name!r}] = {kind!r}: the kind "
+                             f"must be one of {sorted(kit.SAMPLED_ACTIVATIONS)}")
+        out.append((str(name), kit.SAMPLED_ACTIVATIONS[kind]))
+    return tuple(out)
 
 
 class _Watch:
     """The watcher's workings; :class:`JaxWatcher` is the transformation users hold."""
 
     def __init__(self, inner: Any, update_ratio: str = "sampled", sample_fraction: float = 0.02,
-                 tensorboard: Any = None, transfer: str = "callback", **options: Any) -> None:
+                 tensorboard: Any = None, transfer: str = "callback", activations: Any = None,
+                 **options: Any) -> None:
         if not callable(getattr(inner, "init", None)) or not callable(
                 getattr(inner, "update", None)):
             raise TypeError(f"gradwatch.jax.watch needs an optax GradientTransformation, got "
                             f"{type(inner).__name__}")
-        _refuse(options)
-        options.pop("activation_every", None)
+        #: The activation sites (name, kind) update() is given the outputs of.
+        self.sites = _sites(activations)
+        _refuse(options, bool(self.sites))
+        if not self.sites:
+            options.pop("activation_every", None)
+        #: Units of each site, learnt when update() is traced.
+        self._units: dict[str, int] = {}
         kit.check_options("gradwatch.jax.watch", options, JAX_OPTIONS)
         self.inner = optax.with_extra_args_support(inner)
         self.update_ratio = kit.choice("update_ratio", update_ratio, kit.UPDATE_RATIO_MODES)
@@ -71,8 +95,9 @@ class _Watch:
         self._read: Any = None  # transfer="state": the jitted payload of a state
         self._calls = 0  # transfer="state": read() calls since init()
         self._board = kit.tensorboard_sink(tensorboard, tensorboard_opener)
-        # No activations: the detail schedule is every 5th check, as without activation sampling.
-        self._options = dict(options, activation_every=None)
+        # Without activation sites the detail schedule is every 5th check, as without activation
+        # sampling.
+        self._options = options if self.sites else dict(options, activation_every=None)
         self.monitor = kit.Monitor(
             kit.RunContext(model=_tree.model_info(()), layers=()),
             tensorboard=self._board, **self._options)
@@ -107,9 +132,11 @@ class _Watch:
             self._plan = _device.Plan(
                 num_leaves=len(leaves.names), window=self.monitor.check_every,
                 detail_every=5 * self.monitor.check_every, strides=strides,
-                lr_leaves=tuple(_tree.learning_rate_leaves(inner)))
+                lr_leaves=tuple(_tree.learning_rate_leaves(inner)), sites=self.sites,
+                activation_every=self.monitor.activation_every if self.sites else None)
             lrs = _concrete_lrs(inner, self._plan.lr_leaves)
-            self.monitor.set_context(kit.RunContext(model=_tree.model_info(infos, lrs),
+            kinds = frozenset(kind for _, kind in self.sites)
+            self.monitor.set_context(kit.RunContext(model=_tree.model_info(infos, lrs, kinds),
                                                     layers=infos))
         self._last = 0
         self._calls = 0
@@ -131,13 +158,33 @@ class _Watch:
         plist = jax.tree_util.tree_leaves(params) if params is not None else None
         if plist is not None and len(plist) != plan.num_leaves:
             plist = None  # not the watched pytree: weights are not measured
+        acts = self._activations(extra.pop("activations", None))
         if self.transfer == "callback":
             _device.emit_if_due(plan, state, plist, self._receive)
         state = _device.record(plan, state, glist, extra.get("value"))
         updates, inner = self.inner.update(grads, state.inner, params, **extra)
         count = state.count + 1
         state = _device.measure_check(plan, state, glist, plist, count)
+        state = _device.sample_activations(plan, state, acts, count, kit.SATURATION_DERIVATIVE)
         return updates, state._replace(inner=inner, count=count)
+
+    def _activations(self, given: Any) -> dict[str, Any]:
+        """``update(activations={site: output})`` checked against the sites named at
+        ``watch()``; their widths are learnt here (trace time)."""
+        if given is None:
+            return {}
+        if not self.sites:
+            raise ValueError("gradwatch.jax.watch: update() was given activations, but no sites "
+                             "were named: watch(tx, activations={'act0': 'relu', ...})")
+        if not isinstance(given, dict):
+            raise TypeError("update(activations=...) must be a dict of site name -> output")
+        unknown = sorted(set(given) - {name for name, _ in self.sites})
+        if unknown:
+            raise ValueError(f"update(activations=...): {unknown} are not among the sites named "
+                             f"at watch(): {[name for name, _ in self.sites]}")
+        for name, y in given.items():
+            self._units[name] = int(np.shape(y)[-1]) if np.ndim(y) else 1
+        return given
 
     # -- the host side -------------------------------------------------------------------------
 
@@ -167,7 +214,9 @@ class _Watch:
         lrs = _readout.learning_rates(host)
         if lrs:
             self.monitor.update_model(learning_rates=lrs)
-        record = _readout.to_record(host)
+        sites = tuple(kit.ActivationSite(name, kind, self._units.get(name, 0))
+                      for name, kind in self.sites)
+        record = _readout.to_record(host, sites)
         self.monitor.check(kit.step_stats(record, self._layout, step=step))
 
     def flush(self, state: Any, params: Any = None) -> None:

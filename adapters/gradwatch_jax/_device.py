@@ -88,16 +88,19 @@ def _per_leaf(fn: Callable[..., jax.Array], *leaf_lists: Sequence[jax.Array]) ->
 
 def init_state(plan: Plan, inner: Any, params: list[jax.Array] | None) -> WatchState:
     T, W = plan.num_leaves, plan.window
-    nan = jnp.full((T,), jnp.nan, _F32)
     start: tuple[jax.Array, ...] = ()
     before: tuple[jax.Array, ...] = ()
     if plan.strides is not None and params is not None:
-        start = tuple(_sample(p, s) for p, s in zip(params, plan.strides))
+        # (copies: a stride-1 sample is a reshape, which may share the weights' buffer, and a
+        # step that donates both params and state would then donate one buffer twice)
+        start = tuple(jnp.copy(_sample(p, s)) for p, s in zip(params, plan.strides))
         before = tuple(jnp.zeros_like(x) for x in start)
     return WatchState(
         inner=inner, count=jnp.zeros((), jnp.int32), grad_sq=jnp.zeros((W, T), _F32),
         loss=jnp.full((W,), jnp.nan, _F32), has_loss=jnp.zeros((W,), bool),
-        check=CheckStash(nan, nan, nan, nan, jnp.zeros((), bool)), before=before, start=start,
+        # (four arrays, not one four times: a step that donates its state donates each leaf)
+        check=CheckStash(*(jnp.full((T,), jnp.nan, _F32) for _ in range(4)),
+                         jnp.zeros((), bool)), before=before, start=start,
         acts=jnp.full((len(plan.sites),), jnp.nan, _F32), acts_step=jnp.zeros((), jnp.int32))
 
 

@@ -3,6 +3,7 @@ one host transfer per check, the options it takes and refuses."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
@@ -223,3 +224,24 @@ def test_read_needs_transfer_state():
     w = gradwatch.jax.watch(optax.sgd(0.05))
     with pytest.raises(ValueError, match="transfer"):
         w.read(None)
+
+
+@pytest.mark.parametrize("update_ratio", ["sampled", "exact"])
+def test_a_step_that_donates_params_and_state_runs(update_ratio):
+    # jax.jit(donate_argnums=...) over params and the optimizer state is the usual training
+    # step (flax's TrainState too); XLA refuses to donate one buffer twice, so no two leaves of
+    # the state may share one, nor a leaf of the state and one of the params.
+    params = {"fc0": {"w": jnp.ones((2, 40)), "b": jnp.zeros(40)}, "out": {"w": jnp.ones((40, 1))}}
+    w = gradwatch.jax.watch(optax.sgd(0.1), check_every=2, update_ratio=update_ratio)
+    state = w.init(params)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(p, s):
+        g = jax.tree_util.tree_map(jnp.ones_like, p)
+        u, s = w.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    for _ in range(4):
+        params, state = step(params, state)
+    w.flush(state, params)
+    assert w.step == 4 and w.report().steps == 4

@@ -13,7 +13,10 @@ to back, so drift between rounds cancels).
     python benchmarks/jax_overhead.py --json out.json  # also write the numbers
 
 Configurations: ``plain`` (optax.adamw, no gradwatch); ``gradwatch-default`` (check_every=10,
-the default); ``gradwatch-every-step`` (check_every=1: a host callback every step); ``gradwatch-state``
+the default: on XLA:CPU the check reaches the host through gradwatch's FFI sink);
+``gradwatch-every-step`` (check_every=1: a host transfer every step);
+``gradwatch-debug-callback`` (``transfer="debug_callback"``: a ``jax.debug.callback`` instead of
+the FFI sink, which takes the step off JAX's C++ dispatch path); ``gradwatch-state``
 (``transfer="state"``: no callback in the step, the loop calls ``w.read(state, params)`` and
 the check is read from the state every 10 steps);
 ``host-read`` (plain, plus a blocking ``jax.device_get`` of a small array every 10 steps: the
@@ -33,8 +36,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-CONFIGS = ("plain", "gradwatch-default", "gradwatch-every-step", "gradwatch-state",
-           "host-read")
+CONFIGS = ("plain", "gradwatch-default", "gradwatch-every-step", "gradwatch-debug-callback",
+           "gradwatch-state", "host-read")
 
 
 def _models(jax: Any, jnp: Any) -> dict[str, tuple[Callable[..., Any], Any, Any]]:
@@ -91,9 +94,11 @@ def _stepper(config: str, apply: Callable[..., Any], params0: Any, xb: Any,
     if config in ("plain", "host-read"):
         tx = optax.adamw(1e-4)
     else:
+        transfer = {"gradwatch-state": "state",
+                    "gradwatch-debug-callback": "debug_callback"}.get(config, "callback")
         tx = gradwatch.jax.watch(optax.adamw(1e-4), on_finding="log",
                                  check_every=1 if config.endswith("every-step") else 10,
-                                 transfer="state" if config == "gradwatch-state" else "callback")
+                                 transfer=transfer)
 
     def objective(p: Any) -> Any:
         return optax.sigmoid_binary_cross_entropy(apply(p, xb), yb).mean()

@@ -6,14 +6,18 @@ accumulation when the watcher is inside it (its steps are optimizer steps), befo
 transformation the watcher wraps (``clip_by_global_norm`` in the wrapped chain: measured before
 clipping). Per step the cost is one squared norm per leaf into a ring buffer in the state
 (``_device``); a check step adds max |g|, non-zero counts, g . W, weight norms and sampled
-update ratios; the step after it sends the check's numbers to the host in one
-``jax.debug.callback`` (``_readout``), where the core makes per-layer statistics of them.
+update ratios; the step after it hands the check's numbers to the host (from the committed
+state): on XLA:CPU through an FFI handler (``_sink``), elsewhere in a ``jax.debug.callback``.
+On the host (``_readout``) the core
+makes per-layer statistics of them.
 Layer names come from the pytree paths (``_tree``).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import weakref
 from typing import Any
 
 import jax
@@ -22,12 +26,15 @@ import optax
 
 from gradwatch import kit
 
-from . import _device, _readout, _tree
+from . import _device, _readout, _sink, _tree
 from .plugin import tensorboard_opener
+
+logger = logging.getLogger("gradwatch")
 
 JAX_OPTIONS = ("update_ratio", "sample_fraction", "tensorboard", "transfer", "activations")
 #: How a check's numbers reach the host (docs/jax.md, "The host transfer").
-TRANSFERS = ("callback", "state")
+TRANSFERS = ("callback", "debug_callback", "state")
+_said: set[str] = set()  # (the fallback to jax.debug.callback is said once a process)
 
 #: Options of ``gradwatch.torch.watch`` that cannot work on an optax transformation, and why.
 REFUSED = {
@@ -93,6 +100,10 @@ class _Watch:
         self.sample_fraction = kit.fraction("sample_fraction", sample_fraction)
         self.transfer = kit.choice("transfer", transfer, TRANSFERS)
         self._read: Any = None  # transfer="state": the jitted payload of a state
+        #: The FFI sink's id (transfer="callback" on XLA:CPU) and the layouts of the vectors
+        #: it is sent, by layout id (one per traced variant of update()).
+        self._sink_id: int | None = None
+        self._packings: list[_device.Layout] = []
         self._calls = 0  # transfer="state": read() calls since init()
         self._board = kit.tensorboard_sink(tensorboard, tensorboard_opener)
         # Without activation sites the detail schedule is every 5th check, as without activation
@@ -159,14 +170,27 @@ class _Watch:
         if plist is not None and len(plist) != plan.num_leaves:
             plist = None  # not the watched pytree: weights are not measured
         acts = self._activations(extra.pop("activations", None))
-        if self.transfer == "callback":
-            _device.emit_if_due(plan, state, plist, self._receive)
+        committed = state
         state = _device.record(plan, state, glist, extra.get("value"))
         updates, inner = self.inner.update(grads, state.inner, params, **extra)
         count = state.count + 1
-        state = _device.measure_check(plan, state, glist, plist, count)
+        state = _device.checks(plan, committed, state, glist, plist, count, self._sender())
         state = _device.sample_activations(plan, state, acts, count, kit.SATURATION_DERIVATIVE)
         return updates, state._replace(inner=inner, count=count)
+
+    def _sender(self) -> Any:
+        """What sends a check's payload to the host (traced): the FFI sink, or a
+        ``jax.debug.callback`` of ``_receive``; None with transfer="state"."""
+        if self.transfer == "state":
+            return None
+        sink = self._sink() if self.transfer == "callback" else None
+        if sink is not None:
+            return sink
+
+        def callback(payload: dict[str, Any]) -> None:
+            jax.debug.callback(self._receive, payload)
+
+        return callback
 
     def _activations(self, given: Any) -> dict[str, Any]:
         """``update(activations={site: output})`` checked against the sites named at
@@ -185,6 +209,44 @@ class _Watch:
         for name, y in given.items():
             self._units[name] = int(np.shape(y)[-1]) if np.ndim(y) else 1
         return given
+
+    def _sink(self) -> Any:
+        """For transfer="callback" on XLA:CPU, what sends a payload through the FFI sink
+        (traced); None where jax.debug.callback carries it."""
+        if jax.default_backend() != "cpu":
+            return None
+        ok = _sink.register()
+        if ok is not True:
+            if "sink" not in _said:
+                _said.add("sink")
+                logger.info("gradwatch: checks reach the host by jax.debug.callback (the FFI "
+                            "check sink could not be registered: %s), which takes every "
+                            "step off JAX's C++ dispatch path (docs/jax.md, 'The host "
+                            "transfer')", ok)
+            return None
+        if self._sink_id is None:
+            ref = weakref.ref(self)
+
+            def deliver(vector: np.ndarray) -> None:
+                core = ref()
+                if core is not None:
+                    core._deliver(vector)
+
+            self._sink_id = _sink.open_sink(deliver)
+        sid = self._sink_id
+
+        def send(payload: dict[str, Any]) -> jax.Array:
+            index = len(self._packings)
+            vector, layout = _device.pack(payload, (sid, index))
+            self._packings.append(layout)
+            return _sink.send(vector)
+
+        return send
+
+    def _deliver(self, vector: np.ndarray) -> None:
+        """The FFI sink's end (on XLA's thread): one packed check."""
+        layout = self._packings[int(vector[1:2].view(np.int32)[0])]
+        self._receive(_device.unpack(vector, layout))
 
     # -- the host side -------------------------------------------------------------------------
 
@@ -222,8 +284,8 @@ class _Watch:
     def flush(self, state: Any, params: Any = None) -> None:
         """Report the last check now, from the state (and the weights after it) the training
         loop holds: a check is otherwise sent at the start of the step after it."""
-        if self.transfer == "callback":
-            jax.effects_barrier()
+        if self.transfer != "state":
+            settle()
         found = [x for x in jax.tree_util.tree_leaves(
             state, is_leaf=lambda x: isinstance(x, _device.WatchState))
             if isinstance(x, _device.WatchState)]
@@ -248,12 +310,34 @@ class _Watch:
         check's numbers are read from the state in one transfer, with no host callback in the
         jitted step."""
         if self.transfer != "state":
-            raise ValueError('read() is for transfer="state"; with transfer="callback" checks '
-                             'reach the host by themselves')
+            raise ValueError(f'read() is for transfer="state"; with transfer='
+                             f'{self.transfer!r} checks reach the host by themselves')
         self._calls += 1
         if self._plan is None or self._calls % self._plan.window:
             return
         self.flush(state, params)
+
+
+def settle() -> None:
+    """Wait for the steps already dispatched, and so for the checks they hand the host. The
+    FFI sink is no JAX effect, so ``jax.effects_barrier`` does not wait for it: every live
+    array is waited for instead (the outputs of a step in flight are among them). Raises
+    nothing: a failed step's error belongs to whoever reads its results (strict mode's own is
+    kept in ``error``), and the failed arrays of another run, still alive in a traceback, must
+    not break this one."""
+    try:
+        jax.effects_barrier()
+    except Exception:  # (a debug callback that raised: strict mode keeps its error)
+        pass
+    arrays = jax.live_arrays()
+    try:
+        jax.block_until_ready(arrays)
+    except Exception:  # some array failed: wait for each of the others
+        for array in arrays:
+            try:
+                array.block_until_ready()
+            except Exception:
+                pass
 
 
 def _concrete_lrs(inner: Any, indices: tuple[int, ...]) -> tuple[float, ...]:
@@ -304,11 +388,7 @@ class JaxWatcher(optax.GradientTransformationExtraArgs):
 
     def _wait(self) -> None:
         """Wait for the checks already computed; strict mode's error is raised again here."""
-        try:
-            jax.effects_barrier()
-        except Exception:
-            if self._core.error is None:
-                raise
+        settle()
         if self._core.error is not None:
             raise self._core.error
 
@@ -326,13 +406,13 @@ class JaxWatcher(optax.GradientTransformationExtraArgs):
     @property
     def step(self) -> int:
         """The last optimizer step a check reported."""
-        jax.effects_barrier()
+        settle()
         return self._core._last
 
     @property
     def transfers(self) -> int:
         """Host transfers so far: one per check."""
-        jax.effects_barrier()
+        settle()
         return self._core.transfers
 
     def flush(self, state: Any, params: Any = None) -> None:
@@ -355,7 +435,7 @@ class JaxWatcher(optax.GradientTransformationExtraArgs):
         The transformation keeps working as the one it wraps, plus the measurements."""
         core = self._core
         if not core._removed:
-            jax.effects_barrier()
+            settle()
             with core._lock:
                 core._removed = True
                 core._final = core.monitor.end()

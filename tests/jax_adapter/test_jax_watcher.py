@@ -137,12 +137,28 @@ def test_report_and_remove():
 
 def test_strict_mode_stops_the_jitted_step_and_keeps_the_error():
     w = gradwatch.jax.watch(optax.sgd(0.05), on_finding="raise", check_every=5)
-    with pytest.raises(Exception, match="vanishing|gradient"):
+    with pytest.raises(jax.errors.JaxRuntimeError) as failed:
         train(mlp_params(10), mlp_apply(jax.nn.sigmoid), w, steps=100)
     assert isinstance(w.error, gradwatch.GradientHealthError)
     assert w.error.finding.kind == "vanishing_gradient"
+    # The step's error carries the finding, as said in the log (the steps dispatched after the
+    # failed one each wrap it in "Error dispatching computation: ").
+    assert str(failed.value).endswith(f"GradientHealthError: {w.error}")
     with pytest.raises(gradwatch.GradientHealthError):
         w.report()
+
+
+def test_a_failed_strict_run_does_not_break_the_next_watcher():
+    # The failed run's arrays stay alive while its exception (and so its traceback) is held, as
+    # in a notebook; a later watcher's report must not raise their error.
+    strict = gradwatch.jax.watch(optax.sgd(0.05), on_finding="raise", check_every=5)
+    with pytest.raises(jax.errors.JaxRuntimeError) as failed:
+        train(mlp_params(10), mlp_apply(jax.nn.sigmoid), strict, steps=100)
+    w = gradwatch.jax.watch(optax.sgd(0.05), check_every=5)
+    run = train(mlp_params(10), mlp_apply(jax.nn.sigmoid), w, steps=60)
+    w.flush(run.state, run.params)
+    assert failed.value is not None and w.transfers == 12
+    assert "vanishing_gradient" in kinds(w)
 
 
 @pytest.mark.parametrize("name, value", [
@@ -195,15 +211,11 @@ def test_the_plugin_module_imports_no_jax():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_transfer_state_reads_checks_from_the_state_without_a_callback(monkeypatch):
-    from gradwatch_jax import _device
-
-    monkeypatch.setattr(_device, "emit_if_due", lambda *a: pytest.fail("a callback"))
-    w = gradwatch.jax.watch(optax.sgd(0.05), transfer="state", check_every=5)
+def _sigmoid_step(w):
+    """A deep sigmoid MLP's jitted step with ``w`` (vanishing: its first layer's gradient is
+    orders of magnitude below its last's) and its inputs."""
     params = mlp_params(10)
     apply = mlp_apply(jax.nn.sigmoid)
-    x, y = moons(seed=0)
-    state = w.init(params)
 
     @jax.jit
     def step(p, s, xb, yb):
@@ -211,11 +223,29 @@ def test_transfer_state_reads_checks_from_the_state_without_a_callback(monkeypat
         u, s = w.update(g, s, p, value=loss)
         return optax.apply_updates(p, u), s
 
+    return step, params, w.init(params)
+
+
+def _moons_steps(step, params, state, steps=100, after=None):
+    """``steps`` jitted steps on random batches of 64 two-moons points; ``after(state, params)``
+    after each."""
+    x, y = moons(seed=0)
     rng = np.random.default_rng(0)
-    for _ in range(100):
+    for _ in range(steps):
         idx = rng.integers(0, len(x), 64)
         params, state = step(params, state, x[idx], y[idx])
-        w.read(state, params)
+        if after is not None:
+            after(state, params)
+    return params, state
+
+
+def test_transfer_state_reads_checks_from_the_state_without_a_callback():
+    w = gradwatch.jax.watch(optax.sgd(0.05), transfer="state", check_every=5)
+    step, params, state = _sigmoid_step(w)
+    x, y = moons(seed=0)
+    traced = str(jax.make_jaxpr(step)(params, state, x[:64], y[:64]))
+    assert "callback" not in traced and "ffi_call" not in traced
+    _moons_steps(step, params, state, after=w.read)
     assert w.transfers == 20 and w.step == 100
     assert "vanishing_gradient" in kinds(w)
 
@@ -245,3 +275,86 @@ def test_a_step_that_donates_params_and_state_runs(update_ratio):
         params, state = step(params, state)
     w.flush(state, params)
     assert w.step == 4 and w.report().steps == 4
+
+
+def test_the_default_step_keeps_jax_fast_dispatch():
+    # A Python host callback anywhere in a jitted step (even under a cond never taken) takes it
+    # off JAX's C++ dispatch path; on XLA:CPU the default transfer is the FFI sink instead.
+    x, y = moons(seed=0)
+    step, params, state = _sigmoid_step(gradwatch.jax.watch(optax.sgd(0.05), check_every=5))
+    traced = str(jax.make_jaxpr(step)(params, state, x[:64], y[:64]))
+    assert "callback" not in traced and "gradwatch_check_sink" in traced
+    step2, params2, state2 = _sigmoid_step(
+        gradwatch.jax.watch(optax.sgd(0.05), check_every=5, transfer="debug_callback"))
+    assert "debug_callback" in str(jax.make_jaxpr(step2)(params2, state2, x[:64], y[:64]))
+
+
+@pytest.mark.parametrize("transfer", ["callback", "debug_callback"])
+def test_both_host_transfers_find_vanishing_the_same(transfer):
+    w = gradwatch.jax.watch(optax.sgd(0.05), check_every=5, transfer=transfer)
+    step, params, state = _sigmoid_step(w)
+    params, state = _moons_steps(step, params, state)
+    w.flush(state, params)
+    assert w.transfers == 20 and w.step == 100
+    found = [f for f in w.findings if f.kind == "vanishing_gradient"]
+    assert found and found[0].layer == "layer0"
+
+
+def test_without_the_sink_checks_go_by_debug_callback_and_that_is_said_once(monkeypatch, caplog):
+    from gradwatch_jax import _sink, _watcher
+
+    monkeypatch.setattr(_sink, "register", lambda: "RuntimeError: no such FFI API")
+    monkeypatch.setattr(_watcher, "_said", set())
+    caplog.set_level("INFO", logger="gradwatch")
+    x, y = moons(seed=0)
+    watchers = [gradwatch.jax.watch(optax.sgd(0.05), check_every=5) for _ in range(2)]
+    for w in watchers:
+        step, params, state = _sigmoid_step(w)
+        assert "debug_callback" in str(jax.make_jaxpr(step)(params, state, x[:64], y[:64]))
+        for i in range(60):
+            params, state = step(params, state, x[i:i + 64], y[i:i + 64])
+        w.flush(state, params)
+        assert w.transfers == 12
+        assert "vanishing_gradient" in kinds(w)
+    said = [r.getMessage() for r in caplog.records if "FFI check sink" in r.getMessage()]
+    assert len(said) == 1 and "no such FFI API" in said[0]
+
+
+def test_a_packed_check_unpacks_exactly():
+    from gradwatch_jax import _device
+
+    payload = {"count": jnp.int32(2**24 + 1), "grad_sq": jnp.arange(6, dtype=jnp.float32)
+               .reshape(2, 3) * 0.1, "has_loss": jnp.array([True, False]),
+               "acts_step": jnp.int32(-7)}
+    vector, layout = jax.jit(lambda p: _device.pack(p, (3, 9))[0])(payload), \
+        _device.pack(payload, (3, 9))[1]
+    host = np.asarray(vector)
+    assert list(host[:2].view(np.int32)) == [3, 9]
+    out = _device.unpack(host, layout)
+    assert int(out["count"]) == 2**24 + 1  # exact: bit-cast, not rounded through float32
+    assert int(out["acts_step"]) == -7
+    np.testing.assert_array_equal(out["grad_sq"], np.asarray(payload["grad_sq"]))
+    assert out["has_loss"].tolist() == [True, False] and out["has_loss"].dtype == bool
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
+def test_weights_of_other_dtypes_are_sampled_and_measured(dtype):
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        # float64 arrays need x64 mode, which is process-wide: run this case in a subprocess.
+        code = ("import jax; jax.config.update('jax_enable_x64', True); import sys, pytest; "
+                f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {__file__!r} + "
+                "'::test_weights_of_other_dtypes_are_sampled_and_measured[float64]']))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              cwd=str(__import__("pathlib").Path(__file__).parent))
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return
+    params = jax.tree.map(lambda p: p.astype(dtype), mlp_params(2))
+    w = gradwatch.jax.watch(optax.sgd(0.05), check_every=5)
+    state = w.init(params)
+    assert state.start.dtype == (jnp.float64 if dtype == "float64" else jnp.float32)
+    run = train(params, mlp_apply(jax.nn.relu), w, steps=40)
+    w.flush(run.state, run.params)
+    assert w.transfers == 8
+    layers = w.report().layers
+    assert layers and all(np.isfinite(row.update_ratio) and row.update_ratio > 0
+                          for row in layers)

@@ -131,7 +131,8 @@ class StepGuard:
         those values are assigned in the trainer's scope."""
         import jax.numpy as jnp
         import keras
-        from jax import lax
+
+        from ._jaxgraph import cond
 
         inner = self._jax[1]
         variables = list(inner._trainable_variables) + list(inner.variables)
@@ -149,7 +150,7 @@ class StepGuard:
             out[k] = jnp.asarray(self._skip_record(values[k], flags, positions, step))
             return out
 
-        for v, value in zip(variables, lax.cond(jnp.all(flags), update, skip, values)):
+        for v, value in zip(variables, cond(jnp.all(flags), update, skip, values)):
             v.assign(value)
         return None
 

@@ -32,6 +32,20 @@ def _jnp() -> Any:
     return jnp
 
 
+def cond(pred: Any, true_fn: Any, false_fn: Any, *operands: Any) -> Any:
+    """``lax.cond``, except where ``pred`` is a concrete value (``run_eagerly=True``): there the
+    branch is picked on the host and run op by op. An eager ``lax.cond`` traces and compiles
+    both branches, and its branches are new closures every step, so it compiled anew every
+    time (0.3 s, several a step: a 16-step eager epoch of a 10-layer MLP took 56 s against
+    2.3 s unwatched)."""
+    import jax
+    from jax import lax
+
+    if isinstance(pred, jax.core.Tracer):
+        return lax.cond(pred, true_fn, false_fn, *operands)
+    return true_fn(*operands) if bool(pred) else false_fn(*operands)
+
+
 def _scaled_norm(x: Any) -> Any:
     """The L2 norm of a float32 ``x`` without overflow: ``m * sqrt(sum((x / m)^2))``, m = max
     |x|; a finite norm beyond float32 as F32_MAX; NaN/Inf entries give NaN/Inf."""
@@ -49,12 +63,10 @@ def _norms(tensors: list[Any]) -> Any:
     float32, which overflows from a norm of ~1.8e19 on; only when a sum is not finite (it
     overflowed, or an entry is NaN/Inf) the scaled norm of each, in the untaken-by-default
     branch of one ``lax.cond``."""
-    from jax import lax
-
     jnp = _jnp()
     xs = [jnp.asarray(t).astype(jnp.float32) for t in tensors]
     sq = jnp.stack([jnp.sum(x * x) for x in xs])
-    return lax.cond(jnp.all(jnp.isfinite(sq)), lambda: jnp.sqrt(sq),
+    return cond(jnp.all(jnp.isfinite(sq)), lambda: jnp.sqrt(sq),
                     lambda: jnp.stack([_scaled_norm(x) for x in xs]))
 
 
@@ -180,14 +192,12 @@ class JaxRecorder:
             return value, jnp.zeros((sum(sizes),), jnp.float32)
 
         is_check = jnp.equal(jnp.mod(step - self._plan.start, self._every), 0)
-        value, snapshot = lax.cond(is_check, check_work, idle, value)
+        value, snapshot = cond(is_check, check_work, idle, value)
         state.var.assign(value)
         return Pending(step, is_check, snapshot if sizes else None, sizes)
 
     def after(self, pending: Pending) -> None:
         """After the update, on check steps: weight norms, update and change sizes."""
-        from jax import lax
-
         jnp = _jnp()
 
         def weight_work(value: Any) -> Any:
@@ -206,7 +216,7 @@ class JaxRecorder:
             return self.write(value, "weights", jnp.concatenate(parts))
 
         value = jnp.asarray(self.state.var.value)
-        self.state.var.assign(lax.cond(pending.is_check, weight_work, lambda v: v, value))
+        self.state.var.assign(cond(pending.is_check, weight_work, lambda v: v, value))
 
 
 class StepWrap:
@@ -306,7 +316,6 @@ class StepWrap:
 
     def _sample(self, old: Any, data: Any, step: Any, value: Any) -> Any:
         import keras
-        from jax import lax
 
         from ._activations import activation_value
 
@@ -329,4 +338,4 @@ class StepWrap:
                                         jnp.stack(values + [step.astype(jnp.float32)]))
 
         due = jnp.equal(jnp.mod(step - self._recorder.start, every), 0)
-        return lax.cond(due, sample, lambda v: v, value)
+        return cond(due, sample, lambda v: v, value)

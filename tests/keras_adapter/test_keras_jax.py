@@ -56,3 +56,22 @@ def test_strict_mode_stops_fit_and_leaves_the_optimizer_clean():
     assert raised.value.finding.kind in {"vanishing_gradient", "saturated_units"}
     assert raised.value.finding.step < 20 * 16  # it stopped the fit
     assert len(model.optimizer.variables) == n and "train_step" not in vars(model)
+
+
+def test_run_eagerly_compiles_nothing_new_once_warm(caplog):
+    # An eager lax.cond compiles its branches each call (they are new closures every step):
+    # watched eager fits were 24x slower than unwatched ones. After a first epoch has compiled
+    # each eager op once, a watched epoch (checks, weight work, activation samples, the guard's
+    # cond) compiles nothing.
+    import jax
+
+    model = compiled(mlp(4, activation="sigmoid"), run_eagerly=True)
+    x, y = circles(n=128)
+    callback = GradWatchCallback(check_every=2, activation_every=2, guard="skip")
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[callback])
+    caplog.set_level("WARNING")
+    with jax.log_compiles(True):
+        model.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[callback])
+    compiled_now = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert compiled_now == []
+    assert callback.report().steps == 4

@@ -8,8 +8,7 @@ clipping). Per step the cost is one squared norm per leaf into a ring buffer in 
 (``_device``); a check step adds max |g|, non-zero counts, g . W, weight norms and sampled
 update ratios; the step after it hands the check's numbers to the host (from the committed
 state): on XLA:CPU through an FFI handler (``_sink``), elsewhere in a ``jax.debug.callback``.
-On the host (``_readout``) the core
-makes per-layer statistics of them.
+On the host (``_readout``) the core makes per-layer statistics of them.
 Layer names come from the pytree paths (``_tree``).
 """
 
@@ -233,6 +232,7 @@ class _Watch:
                     core._deliver(vector)
 
             self._sink_id = _sink.open_sink(deliver)
+            weakref.finalize(self, _sink.close_sink, self._sink_id)
         sid = self._sink_id
 
         def send(payload: dict[str, Any]) -> jax.Array:
@@ -439,6 +439,8 @@ class JaxWatcher(optax.GradientTransformationExtraArgs):
             with core._lock:
                 core._removed = True
                 core._final = core.monitor.end()
+            if core._sink_id is not None:  # later checks are dropped by the handler itself
+                _sink.close_sink(core._sink_id)
         return core._final
 
     @property

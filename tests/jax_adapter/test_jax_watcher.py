@@ -135,6 +135,28 @@ def test_report_and_remove():
     assert w.report().checks == report.checks
 
 
+def test_the_sink_lets_go_of_a_removed_or_collected_watcher():
+    import gc
+
+    from gradwatch_jax import _sink
+
+    w = gradwatch.jax.watch(optax.sgd(0.05), check_every=5)
+    run = train(mlp_params(3), mlp_apply(jax.nn.relu), w, steps=12)
+    sid = w._core._sink_id
+    assert sid in _sink._sinks and w.transfers == 2
+    w.remove()
+    assert sid not in _sink._sinks
+    train(run.params, mlp_apply(jax.nn.relu), w, steps=12)  # still runs: checks are dropped
+    assert w.transfers == 2
+    w2 = gradwatch.jax.watch(optax.sgd(0.05), check_every=5)
+    train(mlp_params(3), mlp_apply(jax.nn.relu), w2, steps=6)
+    sid2 = w2._core._sink_id
+    assert sid2 in _sink._sinks
+    del w2
+    gc.collect()
+    assert sid2 not in _sink._sinks
+
+
 def test_strict_mode_stops_the_jitted_step_and_keeps_the_error():
     w = gradwatch.jax.watch(optax.sgd(0.05), on_finding="raise", check_every=5)
     with pytest.raises(jax.errors.JaxRuntimeError) as failed:
